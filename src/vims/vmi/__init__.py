@@ -1,0 +1,1 @@
+"""Virtual machine introspection: memory backends, kernel profiles, walkers."""

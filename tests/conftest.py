@@ -1,0 +1,47 @@
+"""Shared fixtures: one booted lab C-VM per test session.
+
+Tests run in their own run-state directory, so they never touch an operator's
+labs, and every lab they start is torn down at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+_RUN_DIR = tempfile.mkdtemp(prefix="vims-test-run-")
+os.environ["VIMS_RUN_DIR"] = _RUN_DIR
+
+from vims.lab import Lab, LabManager, LabSpec  # noqa: E402 - after VIMS_RUN_DIR is set
+
+SESSION_LAB = f"pt{os.getpid()}"
+
+
+def vims(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+         ) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "vims.cli", *args], capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})}, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def lab_manager() -> Iterator[LabManager]:
+    mgr = LabManager()
+    yield mgr
+    for name in mgr.names():
+        mgr.down(name)
+    shutil.rmtree(_RUN_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab(lab_manager: LabManager) -> Lab:
+    """The session's lab C-VM (KASLR on, 512 MiB), booted once."""
+    return lab_manager.up(LabSpec(name=SESSION_LAB))
