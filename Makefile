@@ -23,6 +23,7 @@ test: lint
 
 bench: setup
 	$(PY) bench/lab_boot.py
+	$(PY) bench/check_round.py
 
 clean:
 	-$(VENV)/bin/vims lab down --all

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,29 @@ def lab_manager() -> Iterator[LabManager]:
 def lab(lab_manager: LabManager) -> Lab:
     """The session's lab C-VM (KASLR on, 512 MiB), booted once."""
     return lab_manager.up(LabSpec(name=SESSION_LAB))
+
+
+@pytest.fixture(scope="session")
+def profile_path(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The lab kernel's profile, built once per session with the real CLI."""
+    out = tmp_path_factory.mktemp("profile") / "profile.json"
+    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def baseline_path(lab: Lab, profile_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Known-good baseline: the lab's initramfs and its freshly booted, clean memory."""
+    out = tmp_path_factory.mktemp("baseline") / "baseline.json"
+    proc = vims("baseline", "build", "--profile", str(profile_path), "--initramfs", lab.initrd,
+                "--memory", lab.ram_path, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def lab_policy() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("vims.lab") / "policy.json"))

@@ -11,9 +11,11 @@ import sys
 import click
 
 from vims import __version__
+from vims.checks.cli import baseline, check
 from vims.demo import demo
 from vims.errors import VimsError
 from vims.lab.cli import lab
+from vims.vmi.cli import profile
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +26,9 @@ def cli() -> None:
 
 cli.add_command(lab)
 cli.add_command(demo)
+cli.add_command(check)
+cli.add_command(baseline)
+cli.add_command(profile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,139 @@
+"""The check framework: stable ids, findings with evidence, per-check status.
+
+A check never raises on bad guest data: the runner turns walker and memory
+errors into an ``error`` status with the reason, so a corrupted or tampered
+structure can neither crash the A-VM nor pass silently.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from vims.vmi.linux import KernelView, Linux, Module, Task
+from vims.vmi.memory import GuestMemory
+
+
+class Severity(StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class Category(StrEnum):
+    """AR4SI trust-vector categories (draft-ietf-rats-ar4si)."""
+
+    INSTANCE_IDENTITY = "instance-identity"
+    CONFIGURATION = "configuration"
+    EXECUTABLES = "executables"
+    FILE_SYSTEM = "file-system"
+    HARDWARE = "hardware"
+    RUNTIME_OPAQUE = "runtime-opaque"
+    STORAGE_OPAQUE = "storage-opaque"
+    SOURCED_DATA = "sourced-data"
+
+
+class Status(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One violation, with the evidence an analyst needs to confirm it."""
+
+    check: str
+    severity: Severity
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> tuple[str, str]:
+        return (self.check, self.summary)
+
+    def public(self) -> dict[str, Any]:
+        return {"check": self.check, "severity": str(self.severity), "summary": self.summary,
+                "evidence": self.evidence}
+
+
+@dataclass
+class CheckResult:
+    id: str
+    status: Status
+    duration_ms: float
+    findings: list[Finding] = field(default_factory=list)
+    error: str | None = None
+
+
+class CheckError(Exception):
+    """A check cannot run (missing baseline or policy input), said in one line."""
+
+
+class Context:
+    """What checks share in one round: memory, walkers, baseline, policy, cached views."""
+
+    def __init__(self, mem: GuestMemory, baseline: dict[str, Any] | None = None,
+                 policy: dict[str, Any] | None = None) -> None:
+        self.mem = mem
+        self.linux = Linux(mem)
+        self.profile = mem.profile
+        self.baseline = baseline
+        self.policy = policy or {}
+        self._view: KernelView | None = None
+
+    @property
+    def view(self) -> KernelView:
+        """Task and module lists, walked once per round and shared by all checks."""
+        if self._view is None:
+            self._view = KernelView(tasks=self.linux.tasks(with_threads=True),
+                                    modules=self.linux.modules())
+        return self._view
+
+    @property
+    def tasks(self) -> list[Task]:
+        return self.view.tasks
+
+    @property
+    def modules(self) -> list[Module]:
+        return self.view.modules
+
+    def need_baseline(self, section: str) -> Any:
+        if self.baseline is None or section not in self.baseline:
+            raise CheckError(f"needs a baseline with '{section}' (vims baseline build)")
+        return self.baseline[section]
+
+    def reset(self) -> None:
+        self._view = None
+
+
+class Check(ABC):
+    """One consistency check on the guest."""
+
+    id: ClassVar[str]
+    description: ClassVar[str]
+    severity: ClassVar[Severity]
+    category: ClassVar[Category]
+
+    @abstractmethod
+    def run(self, ctx: Context) -> list[Finding]:
+        """Inspect the guest; return findings (empty = pass)."""
+
+    def finding(self, summary: str, severity: Severity | None = None,
+                **evidence: Any) -> Finding:
+        return Finding(self.id, severity or self.severity, summary, evidence)
+
+    def execute(self, ctx: Context) -> CheckResult:
+        start = time.perf_counter()
+        try:
+            findings = self.run(ctx)
+            status = Status.FAIL if findings else Status.PASS
+            error = None
+        except Exception as exc:  # noqa: BLE001 - guest data is hostile: never crash
+            findings, status = [], Status.ERROR
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckError) else str(exc)
+        return CheckResult(self.id, status, round((time.perf_counter() - start) * 1000, 3),
+                           findings, error)

@@ -1,0 +1,271 @@
+"""Process checks: hidden tasks, code integrity, allowlist, credentials."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.vmi.linux import MAX_RB_NODES, MAX_TASKS, Struct, Task, WalkError, is_kernel_pointer
+from vims.vmi.memory import MemoryReadError
+
+XA_CHUNK_SIZE = 64
+MAX_CPUS = 256
+PAGE = 4096
+CAP_FULL = (1 << 41) - 1  # CAP_LAST_CAP is 40 on 6.1
+
+
+# ------------------------------------------------------------------ other views
+def pid_idr_tasks(ctx: Context) -> set[int]:
+    """Tasks reachable from the init pid namespace's PID IDR (an XArray)."""
+    p, mem = ctx.profile, ctx.mem
+    idr = mem.sym("init_pid_ns") + p.offset("pid_namespace", "idr")
+    head = mem.u64(idr + p.offset("idr", "idr_rt") + p.offset("xarray", "xa_head"))
+    slots_off = p.offset("xa_node", "slots")
+    links_off = p.offset("task_struct", "pid_links")
+    first_off = p.offset("pid", "tasks")  # tasks[PIDTYPE_PID].first
+    found: set[int] = set()
+    budget = [MAX_TASKS * 2]
+
+    def entries(entry: int, depth: int) -> Iterator[int]:
+        if entry == 0:
+            return
+        if entry & 3 == 2 and entry > 4096:  # internal entry: an xa_node
+            if depth > 12:
+                raise WalkError("XArray deeper than possible", entry)
+            node = entry - 2
+            slots = mem.read(node + slots_off, 8 * XA_CHUNK_SIZE)
+            for i in range(XA_CHUNK_SIZE):
+                yield from entries(int.from_bytes(slots[i * 8:i * 8 + 8], "little"), depth + 1)
+            return
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise WalkError("PID IDR holds more entries than allowed")
+        if entry & 3 == 0 and is_kernel_pointer(entry):
+            yield entry
+
+    for pid in entries(head, 0):
+        first = mem.u64(pid + first_off)
+        if first:  # NULL while a fork has reserved but not attached the pid
+            if not is_kernel_pointer(first):
+                raise WalkError("pid->tasks is not a kernel pointer", pid)
+            found.add(first - links_off)
+    return found
+
+
+def runqueue_tasks(ctx: Context) -> set[int]:
+    """Tasks on each CPU's run queue: the running one and the CFS tree's."""
+    p, mem = ctx.profile, ctx.mem
+    ncpu = min(mem.u32(mem.sym("nr_cpu_ids")), MAX_CPUS)
+    per_cpu = mem.read(mem.sym("__per_cpu_offset"), 8 * ncpu)
+    run_node = p.offset("sched_entity", "run_node")
+    se_off = p.offset("task_struct", "se")
+    my_q = p.offset("sched_entity", "my_q")
+    timeline = p.offset("cfs_rq", "tasks_timeline")
+    left, right = p.offset("rb_node", "rb_left"), p.offset("rb_node", "rb_right")
+    found: set[int] = set()
+    budget = [MAX_RB_NODES]
+
+    def walk_cfs(cfs_rq: int, depth: int) -> None:
+        if depth > 8:
+            raise WalkError("CFS group nesting too deep", cfs_rq)
+        stack = [mem.u64(cfs_rq + timeline)]  # rb_root_cached.rb_root.rb_node
+        while stack:
+            node = stack.pop()
+            if not node:
+                continue
+            budget[0] -= 1
+            if budget[0] < 0 or not is_kernel_pointer(node):
+                raise WalkError("run-queue tree corrupt", node)
+            se = node - run_node
+            group = mem.u64(se + my_q)
+            if group:
+                walk_cfs(group, depth + 1)
+            else:
+                found.add(se - se_off)
+            stack += [mem.u64(node + left), mem.u64(node + right)]
+
+    for cpu in range(ncpu):
+        # runqueues is a per-CPU variable: its "address" is an offset, not slid by KASLR.
+        rq = ctx.profile.symbol("runqueues") + int.from_bytes(per_cpu[cpu * 8:cpu * 8 + 8],
+                                                               "little")
+        r = Struct(mem, "rq", rq, mem.read(rq, p.size("rq")))
+        found.add(r.ptr("curr"))
+        walk_cfs(r.addr_of("cfs"), 0)
+    found.discard(0)
+    return found
+
+
+class HiddenProcessCheck(Check):
+    id: ClassVar[str] = "process.hidden"
+    description: ClassVar[str] = (
+        "Cross-view of the task list against the PID IDR and the per-CPU run queues.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        listed = {t.address for t in ctx.tasks}
+        idle = {ctx.mem.sym("init_task")}
+        out = []
+        for view, tasks in (("pid_idr", pid_idr_tasks(ctx)), ("runqueue", runqueue_tasks(ctx))):
+            for addr in sorted(tasks - listed - idle):
+                try:
+                    t = ctx.linux.read_task(addr)
+                except (WalkError, MemoryReadError):
+                    continue  # a task that exited between the views: not a hidden one
+                if t.pid == 0:
+                    continue  # per-CPU idle tasks are not on the task list
+                out.append(self.finding(
+                    f"task {t.pid} ({t.comm}) is hidden from the task list",
+                    pid=t.pid, comm=t.comm, task=f"0x{addr:x}", seen_in=view))
+        # One finding per hidden task even when both views see it.
+        unique: dict[str, Finding] = {}
+        for f in out:
+            unique.setdefault(f.evidence["task"], f)
+        return list(unique.values())
+
+
+class AllowlistCheck(Check):
+    id: ClassVar[str] = "process.allowlist"
+    description: ClassVar[str] = (
+        "Every process (exe or comm, parent, uid) is allowed by the policy.")
+    severity = Severity.MEDIUM
+    category = Category.CONFIGURATION
+
+    def run(self, ctx: Context) -> list[Finding]:
+        rules: list[dict[str, Any]] | None = ctx.policy.get("processes", {}).get("allow")
+        if rules is None:
+            raise CheckError("needs a policy with processes.allow")
+        allow_kthreads = ctx.policy.get("processes", {}).get("kernel_threads", True)
+        by_pid = {t.pid: t for t in ctx.tasks}
+        out = []
+        for t in ctx.tasks:
+            if t.pid == 0 or (t.kernel_thread and allow_kthreads):
+                continue
+            if t.pid != t.tgid:
+                continue  # threads follow their leader
+            parent = by_pid.get(t.ppid)
+            if not any(_matches(rule, t, parent) for rule in rules):
+                out.append(self.finding(
+                    f"process {t.pid} ({t.comm}, {t.exe or '?'}) is not allowed",
+                    pid=t.pid, comm=t.comm, exe=t.exe, uid=t.uid, euid=t.euid,
+                    parent=parent.comm if parent else None))
+        return out
+
+
+def _matches(rule: dict[str, Any], t: Task, parent: Task | None) -> bool:
+    """A rule matches when each key it names matches (globs; a list means any of them)."""
+    if "comm" in rule and not _glob(t.comm, rule["comm"]):
+        return False
+    if "exe" in rule and not _glob(t.exe, rule["exe"]):
+        return False
+    if "uid" in rule and t.euid not in _ints(rule["uid"]):
+        return False
+    return "parent" not in rule or (parent is not None and _glob(parent.comm, rule["parent"]))
+
+
+def _glob(value: str, patterns: str | list[str]) -> bool:
+    pats = patterns if isinstance(patterns, list) else [patterns]
+    return any(fnmatch.fnmatchcase(value, str(p)) for p in pats)
+
+
+def _ints(value: Any) -> set[int]:
+    return {int(v) for v in value} if isinstance(value, list) else {int(value)}
+
+
+class CredsCheck(Check):
+    id: ClassVar[str] = "process.creds"
+    description: ClassVar[str] = (
+        "No task became root without root ancestry; no cred shared in ways the kernel never does.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        p, mem = ctx.profile, ctx.mem
+        setuid_ok = set(ctx.policy.get("creds", {}).get("setuid_executables", []))
+        by_pid = {t.pid: t for t in ctx.tasks}
+        cap_off = p.offset("cred", "cap_effective")
+        owners: dict[int, set[int]] = defaultdict(set)
+        out = []
+        for t in ctx.tasks:
+            owners[t.cred].add(t.tgid)
+            if t.pid == 0:
+                continue
+            root = t.uid == 0 or t.euid == 0
+            parent = by_pid.get(t.ppid)
+            if root and parent is not None and parent.euid != 0 and parent.uid != 0 \
+                    and t.exe not in setuid_ok:
+                out.append(self.finding(
+                    f"task {t.pid} ({t.comm}) is root under non-root parent {parent.pid} "
+                    f"({parent.comm})", pid=t.pid, comm=t.comm, uid=t.uid, euid=t.euid,
+                    parent_pid=parent.pid, parent_uid=parent.uid))
+            if t.euid == 0 and not t.kernel_thread:
+                caps = mem.u64(t.cred + cap_off)
+                ids = mem.read(t.cred + p.offset("cred", "uid"), 32)
+                if caps == 0 and any(ids[i:i + 4] == b"\0\0\0\0" for i in (0, 16)) and \
+                        ctx.policy.get("creds", {}).get("root_without_caps", False) is False:
+                    out.append(self.finding(
+                        f"task {t.pid} ({t.comm}) has euid 0 but no capabilities: "
+                        "credentials edited in place", pid=t.pid, comm=t.comm,
+                        cred=f"0x{t.cred:x}", cap_effective="0x0"))
+        init_cred = mem.sym("init_cred") if p.has_symbol("init_cred") else None
+        for cred, tgids in owners.items():
+            users = sorted(tgids)
+            if len(users) > 1:
+                out.append(self.finding(
+                    f"cred 0x{cred:x} shared by thread groups {users}",
+                    cred=f"0x{cred:x}", tgids=users))
+            elif init_cred is not None and cred == init_cred and users != [0]:
+                out.append(self.finding(
+                    f"task group {users[0]} uses init_cred (the kernel's own credentials)",
+                    cred=f"0x{cred:x}", tgids=users))
+        return out
+
+
+class CodeCheck(Check):
+    id: ClassVar[str] = "process.code"
+    description: ClassVar[str] = (
+        "Resident pages of each process's executable text match the known-good ELF text.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        known: dict[str, Any] = ctx.need_baseline("executables")
+        p, mem = ctx.profile, ctx.mem
+        out = []
+        checked: set[tuple[int, str]] = set()
+        for t in ctx.tasks:
+            if t.kernel_thread or not t.exe or t.pid != t.tgid:
+                continue
+            entry = known.get(t.exe)
+            if entry is None:
+                out.append(self.finding(f"process {t.pid} runs {t.exe}, not in the baseline",
+                                        pid=t.pid, comm=t.comm, exe=t.exe))
+                continue
+            mm = Struct(mem, "mm_struct", t.mm, mem.read(t.mm, p.size("mm_struct")))
+            start, end = mm.ptr("start_code"), mm.ptr("end_code")
+            if (t.pgd, t.exe) in checked:
+                continue
+            checked.add((t.pgd, t.exe))
+            bias = start - entry["text_start"]
+            pages: dict[str, str] = entry["pages"]
+            if end - start > entry["text_end"] - entry["text_start"] or bias & (PAGE - 1):
+                out.append(self.finding(f"process {t.pid} ({t.exe}) has an unexpected text range",
+                                        pid=t.pid, start=f"0x{start:x}", end=f"0x{end:x}"))
+                continue
+            for vpage in range(start & ~(PAGE - 1), end, PAGE):
+                want = pages.get(str(vpage - bias))
+                try:
+                    data = mem.read_user(vpage, PAGE, t.pgd)
+                except MemoryReadError:
+                    continue  # not resident: nothing in memory to be wrong
+                got = hashlib.sha256(data).hexdigest()[:32]
+                if want is not None and got != want:
+                    out.append(self.finding(
+                        f"process {t.pid} ({t.comm}) code page 0x{vpage:x} differs from {t.exe}",
+                        pid=t.pid, comm=t.comm, exe=t.exe, page=f"0x{vpage:x}",
+                        expected_sha256=want, found_sha256=got))
+        return out

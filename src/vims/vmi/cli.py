@@ -1,0 +1,75 @@
+"""``vims profile``: build a kernel's OS profile (and a Volatility ISF) from its image."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from vims.ui import step
+from vims.vmi.isf import write_isf
+from vims.vmi.profile import Profile, analyze_kernel
+
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Output for people or for scripts.",
+)
+
+
+@click.group()
+def profile() -> None:
+    """OS profiles: symbols and type layouts of a kernel, from its own image (BTF + kallsyms)."""
+
+
+@profile.command()
+@click.option("--kernel", "kernel", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="The bzImage (vmlinuz) the C-VM boots, or a vmlinux ELF.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Profile to write (JSON).")
+@click.option("--isf", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write a Volatility 3 symbol table (.json, .json.xz or .json.gz).")
+@FORMAT
+def build(kernel: Path, out: Path, isf: Path | None, fmt: str) -> None:
+    """Build the profile of KERNEL: no debug package, no running guest needed."""
+    start = time.monotonic()
+    analysis = analyze_kernel(kernel, step)
+    with step("laying out types and kernel facts"):
+        built = Profile.from_analysis(analysis)
+    with step(f"writing {out}"):
+        built.save(out)
+    isf_counts: dict[str, int] = {}
+    if isf is not None:
+        with step(f"writing Volatility ISF {isf}"):
+            isf_counts = write_isf(analysis, isf)
+    took = round(time.monotonic() - start, 2)
+    profile_bytes = out.stat().st_size
+    summary: dict[str, object] = {
+        "profile": str(out),
+        "profile_bytes": profile_bytes,
+        "release": built.release,
+        "build_id": built.build_id,
+        "symbols": len(built.symbols),
+        "kallsyms_entries": len(analysis.kallsyms),
+        "types": len(built.struct_names()),
+        "enums": len(analysis.btf.enum_names()),
+        "nr_syscalls": built.nr_syscalls,
+        "source_format": analysis.extracted.source_format,
+        "seconds": took,
+    }
+    if isf is not None:
+        summary["isf"] = str(isf)
+        summary["isf_bytes"] = isf_counts["bytes"]
+    if fmt == "json":
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    click.echo("\n".join([
+        f"profile    {out} ({profile_bytes >> 10} KiB)",
+        f"kernel     {built.release} (build-id {built.build_id})",
+        f"symbols    {summary['symbols']} ({summary['kallsyms_entries']} kallsyms entries)",
+        f"types      {summary['types']} structs/unions, {summary['enums']} enums",
+        f"syscalls   {built.nr_syscalls}",
+        *([f"isf        {isf} ({isf_counts['bytes'] >> 10} KiB)"] if isf else []),
+        f"took       {took} s",
+    ]))

@@ -1,0 +1,55 @@
+"""A host-side rootkit for tests: edits guest memory the way kernel malware would.
+
+Every attack is a context manager that applies the change while the guest is
+paused and undoes it on exit, so one booted guest serves the whole session.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from vims.lab import LabManager
+from vims.vmi.linux import Linux
+from vims.vmi.memory import GuestMemory
+
+
+@contextmanager
+def patched(mem: GuestMemory, vaddr: int, data: bytes) -> Iterator[bytes]:
+    """Overwrite kernel virtual memory; restore the original bytes afterwards."""
+    original = mem.read(vaddr, len(data))
+    mem.write(vaddr, data)
+    try:
+        yield original
+    finally:
+        mem.write(vaddr, original)
+
+
+@contextmanager
+def paused(mgr: LabManager, name: str) -> Iterator[None]:
+    with mgr.paused(name):
+        yield
+
+
+def find_task(mem: GuestMemory, comm: str, arg: str | None = None) -> int:
+    """Address of the first task whose comm is ``comm``."""
+    for t in Linux(mem).tasks():
+        if t.comm == comm:
+            return t.address
+    raise LookupError(f"no task {comm}")
+
+
+@contextmanager
+def unlinked(mem: GuestMemory, entry: int) -> Iterator[None]:
+    """``list_del_init`` an entry (DKOM), then put it back where it was."""
+    nxt, prev = struct.unpack("<QQ", mem.read(entry, 16))
+    mem.write(prev, struct.pack("<Q", nxt))
+    mem.write(nxt + 8, struct.pack("<Q", prev))
+    mem.write(entry, struct.pack("<QQ", entry, entry))
+    try:
+        yield
+    finally:
+        mem.write(entry, struct.pack("<QQ", nxt, prev))
+        mem.write(prev, struct.pack("<Q", entry))
+        mem.write(nxt + 8, struct.pack("<Q", entry))

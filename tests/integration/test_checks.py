@@ -1,0 +1,389 @@
+"""Introspection checks against the real lab guest: clean passes, real attacks are found.
+
+Attacks are done the way a rootkit leaves memory: from inside the guest where
+possible, otherwise by writing the guest's RAM from the host while it is
+paused (tests/attacks.py), undone afterwards so the session's guest stays clean.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.attacks import patched, unlinked
+from tests.conftest import vims
+from vims.baseline import load as load_baseline
+from vims.checks.runner import run_round
+from vims.lab import Lab, LabManager
+from vims.vmi.linux import Linux
+from vims.vmi.memory import GuestMemory, MemoryReadError
+from vims.vmi.profile import Profile
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+SCHEMA = json.loads((Path(__file__).parents[2] / "docs/report.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def profile(profile_path: Path) -> Profile:
+    return Profile.load(profile_path)
+
+
+@pytest.fixture(scope="module")
+def mem(lab: Lab, lab_manager: LabManager, profile: Profile) -> Iterator[GuestMemory]:
+    with GuestMemory(profile, path=Path(lab.ram_path),
+                     pauser=lambda: lab_manager.paused(lab.name)) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def policy(lab_policy: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(lab_policy.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_path: Path) -> dict[str, Any]:
+    return load_baseline(baseline_path)
+
+
+def sh(mgr: LabManager, lab: Lab, cmd: str) -> str:
+    result = mgr.exec(lab.name, cmd)
+    assert result.exit_code == 0, (cmd, result.stderr)
+    return result.stdout
+
+
+def round_(mem: GuestMemory, baseline: dict[str, Any], policy: dict[str, Any],
+           *ids: str, consistency: str = "auto") -> dict[str, Any]:
+    report = run_round(mem, list(ids), baseline, policy, consistency, {"memory": "lab"})
+    jsonschema.validate(report, SCHEMA)
+    return report
+
+
+def findings(report: dict[str, Any], check: str) -> list[dict[str, Any]]:
+    status = {c["id"]: c for c in report["checks"]}[check]
+    assert status["error"] is None, status["error"]
+    return [f for f in report["findings"] if f["check"] == check]
+
+
+def kill_tagged(mgr: LabManager, lab: Lab, comm: str, tag: str) -> None:
+    """Kill the guest's ``comm`` processes whose command line holds ``tag``."""
+    sh(mgr, lab, f"for p in $(pidof {comm}); do grep -q {tag} /proc/$p/cmdline && kill $p;"
+       " done; true")
+
+
+def settled_pids(text: str, me: int) -> set[int]:
+    return {int(line.split()[0]) for line in text.splitlines()[1:]
+            if line.split() and int(line.split()[0]) < me}
+
+
+# ------------------------------------------------------------ semantic view
+def test_process_list_equals_guest_ps(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                      baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "sleep 7777 >/dev/null 2>&1 &")
+    out = sh(lab_manager, lab, "echo $$; ps")
+    me, ps_text = int(out.split("\n", 1)[0]), out.split("\n", 1)[1]
+    report = round_(mem, baseline, policy, "process.hidden")
+    seen = {p["pid"] for p in report["processes"]}
+    guest = settled_pids(ps_text, me)
+    assert guest <= seen | {0}
+    assert {p for p in seen if p < me} == guest
+    sleeper = [p for p in report["processes"] if p["comm"] == "sleep"]
+    assert sleeper
+    assert sleeper[0]["exe"] == "/bin/busybox"
+    httpd = next(p for p in report["processes"] if p["comm"] == "httpd")
+    assert (httpd["uid"], httpd["ppid"]) == (33, 1)
+    kill_tagged(lab_manager, lab, "sleep", "7777")
+
+
+def test_module_list_equals_proc_modules(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                         baseline: dict[str, Any],
+                                         policy: dict[str, Any]) -> None:
+    def guest_modules() -> dict[str, int]:
+        lines = sh(lab_manager, lab, "cat /proc/modules").splitlines()
+        return {ln.split()[0]: int(ln.split()[1]) for ln in lines}
+
+    def seen() -> dict[str, int]:
+        report = round_(mem, baseline, policy, "kernel.modules")
+        return {m["name"]: m["size"] for m in report["modules"]}
+
+    assert seen() == guest_modules()
+    assert set(seen()) == {"e1000", "qemu_fw_cfg"}
+    sh(lab_manager, lab, "modprobe dummy")
+    try:
+        assert seen() == guest_modules()
+        assert "dummy" in seen()
+        report = round_(mem, baseline, policy, "kernel.modules")
+        hits = findings(report, "kernel.modules")
+        assert [f["evidence"]["module"] for f in hits] == ["dummy"]
+    finally:
+        sh(lab_manager, lab, "rmmod dummy")
+    assert "dummy" not in seen()
+
+
+# ----------------------------------------------------------------- clean
+def test_clean_guest_passes_every_check(mem: GuestMemory, baseline: dict[str, Any],
+                                        policy: dict[str, Any]) -> None:
+    report = round_(mem, baseline, policy)
+    failed = [(c["id"], c["error"]) for c in report["checks"] if c["status"] != "pass"]
+    assert failed == [], report["findings"]
+    assert report["result"] == "pass"
+    assert len(report["checks"]) == 9
+
+
+def test_clean_guest_under_churn_has_no_false_positives(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "touch /run/churn")
+    try:
+        for _ in range(5):
+            report = round_(mem, baseline, policy)
+            assert report["findings"] == []
+            assert report["result"] == "pass", report["checks"]
+    finally:
+        sh(lab_manager, lab, "rm -f /run/churn")
+
+
+def test_cli_check_clean_exit_0_and_table(lab: Lab, profile_path: Path, baseline_path: Path,
+                                          lab_policy: Path) -> None:
+    args = ["check", "--memory", lab.ram_path, "--profile", str(profile_path), "--baseline",
+            str(baseline_path), "--policy", str(lab_policy)]
+    proc = vims(*args, "--format", "json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    jsonschema.validate(json.loads(proc.stdout), SCHEMA)
+    table = vims(*args, "--format", "table")
+    assert table.returncode == 0
+    assert "kernel.syscall_table" in table.stdout
+    assert "PASS" in table.stdout
+
+
+# --------------------------------------------------------------- attacks
+def test_syscall_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                               baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    table = mem.sym("sys_call_table")
+    evil = mem.u64(table)  # __x64_sys_read's address: a real handler, the wrong one
+    with lab_manager.paused(lab.name), patched(mem, table + 39 * 8, struct.pack("<Q", evil)):
+        report = round_(mem, baseline, policy, "kernel.syscall_table")
+    hits = findings(report, "kernel.syscall_table")
+    assert [f["evidence"]["nr"] for f in hits] == [39]
+    assert "getpid" in hits[0]["evidence"]["expected_symbol"]
+    assert "read" in hits[0]["evidence"]["found_symbol"]
+    assert findings(round_(mem, baseline, policy, "kernel.syscall_table"),
+                    "kernel.syscall_table") == []
+
+
+def test_kernel_text_patch_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                    baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    # Inside a handler the lab never calls, so the paused guest cannot run it.
+    target = mem.sym("__x64_sys_kexec_load") + 0x10
+    with lab_manager.paused(lab.name), patched(mem, target, b"\x90\x90\x90\x90"):
+        report = round_(mem, baseline, policy, "kernel.text")
+    hits = findings(report, "kernel.text")
+    assert len(hits) == 1
+    assert hits[0]["evidence"]["page"] == f"0x{target & ~0xFFF:x}"
+    assert findings(round_(mem, baseline, policy, "kernel.text"), "kernel.text") == []
+
+
+def test_dispatcher_patch_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                   baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    # 6.1 dispatches through x64_sys_call(): hooking there bypasses the table.
+    target = mem.sym("x64_sys_call") + 0x40
+    with lab_manager.paused(lab.name), patched(mem, target, b"\xcc"):
+        hits = findings(round_(mem, baseline, policy, "kernel.text"), "kernel.text")
+    assert len(hits) == 1
+    assert "x64_sys_call" in hits[0]["evidence"]["symbol"] or hits[0]["evidence"]["page"] == \
+        f"0x{target & ~0xFFF:x}"
+
+
+def test_idt_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                           baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    gate = mem.sym("idt_table") + 3 * 16  # #BP
+    low = mem.read(gate, 2)
+    with lab_manager.paused(lab.name), patched(mem, gate, bytes([low[0] ^ 0x40, low[1]])):
+        hits = findings(round_(mem, baseline, policy, "kernel.idt"), "kernel.idt")
+    assert [f["evidence"]["vector"] for f in hits] == [3]
+
+
+def test_hidden_process_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                 baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "sleep 8888 >/dev/null 2>&1 &")
+    try:
+        with lab_manager.paused(lab.name):
+            mem.flush()
+            victim = next(t for t in Linux(mem).tasks() if t.comm == "sleep")
+            entry = victim.address + mem.profile.offset("task_struct", "tasks")
+            with unlinked(mem, entry):
+                report = round_(mem, baseline, policy, "process.hidden")
+                assert victim.pid not in {p["pid"] for p in report["processes"]}
+            hits = findings(report, "process.hidden")
+        assert [f["evidence"]["pid"] for f in hits] == [victim.pid]
+        assert hits[0]["evidence"]["seen_in"] == "pid_idr"
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "8888")
+
+
+def test_hidden_module_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "modprobe dummy")
+    try:
+        with lab_manager.paused(lab.name):
+            mem.flush()
+            dummy = next(m for m in Linux(mem).modules() if m.name == "dummy")
+            entry = dummy.address + mem.profile.offset("module", "list")
+            with unlinked(mem, entry):
+                report = round_(mem, baseline, policy, "kernel.hidden_modules", "kernel.modules")
+        assert "dummy" not in {m["name"] for m in report["modules"]}
+        hits = findings(report, "kernel.hidden_modules")
+        assert [f["evidence"]["module"] for f in hits] == ["dummy"]
+    finally:
+        sh(lab_manager, lab, "rmmod dummy")
+
+
+def test_patched_process_code_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                       baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    with lab_manager.paused(lab.name):
+        mem.flush()
+        httpd = next(t for t in Linux(mem).tasks() if t.comm == "httpd")
+        start = mem.u64(httpd.mm + mem.profile.offset("mm_struct", "start_code"))
+        end = mem.u64(httpd.mm + mem.profile.offset("mm_struct", "end_code"))
+        page = paddr = 0
+        for page in range((start & ~0xFFF) + 0x3000, end, 0x1000):  # a resident code page
+            try:
+                paddr = mem.uv2p(page + 0x123, httpd.pgd)
+                break
+            except MemoryReadError:
+                continue
+        assert paddr
+        original = mem.read_pa(paddr, 2)
+        mem.write_pa(paddr, b"\xeb\xfe")  # jmp $ : a code injection
+        try:
+            report = round_(mem, baseline, policy, "process.code")
+        finally:
+            mem.write_pa(paddr, original)
+    hits = findings(report, "process.code")
+    assert any(f["evidence"]["pid"] == httpd.pid and f["evidence"]["page"] == f"0x{page:x}"
+               for f in hits)
+    assert findings(round_(mem, baseline, policy, "process.code"), "process.code") == []
+
+
+def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                     baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "cp /bin/busybox /tmp/evil")
+    sh(lab_manager, lab, "/tmp/evil sleep 5555 >/dev/null 2>&1 &")
+    try:
+        hits = findings(round_(mem, baseline, policy, "process.code"), "process.code")
+        assert [f["evidence"]["exe"] for f in hits] == ["/tmp/evil"]
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "5555")
+        sh(lab_manager, lab, "rm -f /tmp/evil")
+
+
+def test_unexpected_listener_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                      baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "nc -l -p 4444 >/dev/null 2>&1 </dev/null &")
+    try:
+        hits = findings(round_(mem, baseline, policy, "process.allowlist"), "process.allowlist")
+        assert [f["evidence"]["comm"] for f in hits] == ["nc"]
+    finally:
+        sh(lab_manager, lab, "kill $(pidof nc); true")
+
+
+def test_root_credentials_written_in_place_are_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "su alice -c 'sleep 6666 >/dev/null 2>&1 &'")
+    try:
+        assert findings(round_(mem, baseline, policy, "process.creds"), "process.creds") == []
+        with lab_manager.paused(lab.name):
+            mem.flush()
+            victim = next(t for t in Linux(mem).tasks() if t.comm == "sleep" and t.uid == 1000)
+            ids = victim.cred + mem.profile.offset("cred", "uid")
+            with patched(mem, ids, bytes(32)):  # uid gid suid sgid euid egid fsuid fsgid = 0
+                report = round_(mem, baseline, policy, "process.creds")
+        hits = findings(report, "process.creds")
+        assert [f["evidence"]["pid"] for f in hits] == [victim.pid]
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "6666")
+
+
+def test_shared_init_cred_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+                                   baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    with lab_manager.paused(lab.name):
+        mem.flush()
+        httpd = next(t for t in Linux(mem).tasks() if t.comm == "httpd")
+        field = httpd.address + mem.profile.offset("task_struct", "cred")
+        with patched(mem, field, struct.pack("<Q", mem.sym("init_cred"))):
+            report = round_(mem, baseline, policy, "process.creds")
+    hits = findings(report, "process.creds")
+    assert any(httpd.pid in f["evidence"].get("tgids", []) for f in hits)
+
+
+# ------------------------------------------------------------- bad input
+def _one_line_error(proc: Any, needle: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("vims: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0], errors[0]
+
+
+def test_missing_memory_file(profile_path: Path, tmp_path: Path) -> None:
+    _one_line_error(vims("check", "--memory", str(tmp_path / "nope.raw"), "--profile",
+                         str(profile_path)), "does not exist")
+
+
+def test_wrong_kernel_for_profile(lab: Lab, profile_path: Path, tmp_path: Path) -> None:
+    data = json.loads(profile_path.read_text())
+    data["build_id"] = "00" * 20
+    data["release"] = "5.10.0-99-amd64"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    _one_line_error(vims("check", "--memory", lab.ram_path, "--profile", str(other)),
+                    "profile is for kernel")
+
+
+def test_truncated_snapshot(lab: Lab, profile_path: Path, tmp_path: Path) -> None:
+    snap = tmp_path / "snap.raw"
+    assert vims("lab", "snapshot", lab.name, "--out", str(snap)).returncode == 0
+    with snap.open("r+b") as f:
+        f.truncate(100 << 20)
+    proc = vims("check", "--memory", str(snap), "--profile", str(profile_path), "--format",
+                "json", timeout=120)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fuzzed_structures_never_hang_or_crash(lab: Lab, profile: Profile, tmp_path: Path,
+                                               baseline: dict[str, Any],
+                                               policy: dict[str, Any]) -> None:
+    """Random writes into the walked structures of a snapshot: every round ends with a report."""
+    import random
+
+    snap = tmp_path / "fuzz.raw"
+    assert vims("lab", "snapshot", lab.name, "--out", str(snap)).returncode == 0
+    rng = random.Random(1234)
+    with GuestMemory(profile, path=snap) as m:
+        linux = Linux(m)
+        targets = [t.address for t in linux.tasks()] + [x.address for x in linux.modules()]
+        off_tasks = profile.offset("task_struct", "tasks")
+        results = set()
+        for _ in range(40):
+            base = rng.choice(targets)
+            spot = base + rng.choice([off_tasks, off_tasks + 8, rng.randrange(0, 2048) & ~7])
+            old = m.read(spot, 8)
+            m.write(spot, rng.randbytes(8) if rng.random() < 0.7 else struct.pack("<Q", spot))
+            m.flush()
+            try:
+                report = run_round(m, [], baseline, policy, "none", {"memory": str(snap)})
+                jsonschema.validate(report, SCHEMA)
+                results.add(report["result"])
+            finally:
+                m.write(spot, old)
+    assert results <= {"pass", "fail", "error"}
+    assert "error" in results or "fail" in results  # the corruption was noticed at least once
+    shutil.rmtree(tmp_path, ignore_errors=True)
