@@ -21,7 +21,7 @@ from tests.attacks import patched, unlinked
 from tests.conftest import vims
 from vims.baseline import load as load_baseline
 from vims.checks.runner import run_round
-from vims.lab import Lab, LabManager
+from vims.lab import Lab, LabManager, LabSpec
 from vims.vmi.linux import Linux
 from vims.vmi.memory import GuestMemory, MemoryReadError
 from vims.vmi.profile import Profile
@@ -148,6 +148,38 @@ def test_clean_guest_under_churn_has_no_false_positives(
             assert report["result"] == "pass", report["checks"]
     finally:
         sh(lab_manager, lab, "rm -f /run/churn")
+
+
+def test_retry_consistency_under_churn_has_no_false_positives(
+        lab_manager: LabManager, lab: Lab, profile: Profile, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    """Without pausing, torn reads of a churning task list must not become findings."""
+    sh(lab_manager, lab, "touch /run/churn")
+    try:
+        with GuestMemory(profile, path=Path(lab.ram_path)) as unpaused:  # no pauser
+            for _ in range(5):
+                report = round_(unpaused, baseline, policy, "process.hidden", "process.creds",
+                                "process.allowlist", "kernel.modules", consistency="auto")
+                assert report["consistency"]["mode"] == "retry"
+                assert report["findings"] == []
+    finally:
+        sh(lab_manager, lab, "rm -f /run/churn")
+
+
+def test_baseline_holds_across_a_reboot_with_another_kaslr_slide(
+        lab_manager: LabManager, lab: Lab, profile: Profile, baseline: dict[str, Any],
+        policy: dict[str, Any], mem: GuestMemory) -> None:
+    """The clean baseline of one boot is valid for the next: relocations are undone."""
+    other = lab_manager.up(LabSpec(name=f"{lab.name}-reboot"))
+    try:
+        with GuestMemory(profile, path=Path(other.ram_path),
+                         pauser=lambda: lab_manager.paused(other.name)) as m2:
+            if m2.kaslr_offset == mem.kaslr_offset:  # about 1 boot in 500 repeats a slide
+                pytest.skip("the reboot drew the same KASLR slide")
+            report = round_(m2, baseline, policy)
+        assert report["result"] == "pass", (report["findings"], report["checks"])
+    finally:
+        lab_manager.down(other.name)
 
 
 def test_cli_check_clean_exit_0_and_table(lab: Lab, profile_path: Path, baseline_path: Path,

@@ -7,6 +7,7 @@ compared with what the guest itself reports (``ps``, ``/proc/modules``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import vims
 from vims.lab import Lab, LabManager
-from vims.vmi.isf import write_isf
-from vims.vmi.profile import analyze_kernel
+from vims.vmi.memory import GuestMemory
+from vims.vmi.profile import Profile
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -24,16 +26,24 @@ VOL = Path(sys.executable).with_name("vol")
 
 
 @pytest.fixture(scope="module")
-def volatility(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The vol command line for the lab's RAM file, with an ISF built from the lab's kernel."""
+def vol_base(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """vol with the ISF that `vims profile build --isf` wrote (one cache for the module)."""
     if not VOL.exists() and shutil.which("vol") is None:
         pytest.skip("volatility3 (vol) is not installed")
     base = tmp_path_factory.mktemp("volatility")
     symbols, cache = base / "symbols", base / "cache"
     cache.mkdir()
-    write_isf(analyze_kernel(Path(lab.kernel)), symbols / "linux" / "vims-lab.json.xz")
+    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(base / "p.json"),
+                "--isf", str(symbols / "linux" / "vims-lab.json.xz"))
+    assert proc.returncode == 0, proc.stderr
     return [str(VOL if VOL.exists() else "vol"), "-q", "--offline", "--cache-path", str(cache),
-            "-s", str(symbols), "-f", str(lab.ram_path)]
+            "-s", str(symbols)]
+
+
+@pytest.fixture(scope="module")
+def volatility(lab: Lab, vol_base: list[str]) -> list[str]:
+    """vol on the live RAM file of the lab."""
+    return [*vol_base, "-f", str(lab.ram_path)]
 
 
 def run(volatility: list[str], plugin: str) -> list[list[str]]:
@@ -86,3 +96,58 @@ def test_check_syscall_reads_the_table(volatility: list[str]) -> None:
     assert handlers[0] == "__x64_sys_read"
     assert handlers[1] == "__x64_sys_write"
     assert "UNKNOWN" not in handlers.values()
+
+
+# ------------------------------------------------- oracle: vims check == volatility
+@pytest.fixture(scope="module")
+def hooked_snapshot(lab: Lab, profile_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                    ) -> Path:
+    """A snapshot of the lab with sys_call_table[39] (getpid) pointing at read's handler."""
+    snap = tmp_path_factory.mktemp("oracle") / "snap.raw"
+    assert vims("lab", "snapshot", lab.name, "--out", str(snap)).returncode == 0
+    with GuestMemory(Profile.load(profile_path), path=snap) as mem:
+        table = mem.sym("sys_call_table")
+        mem.write(table + 39 * 8, mem.read(table, 8))
+    return snap
+
+
+def vims_report(snap: Path, profile_path: Path) -> dict[str, object]:
+    proc = vims("check", "--memory", str(snap), "--profile", str(profile_path), "--checks",
+                "kernel.syscall_table,process.hidden,kernel.hidden_modules", "--format", "json")
+    assert proc.returncode == 1, proc.stderr  # the hook is a finding
+    report: dict[str, object] = json.loads(proc.stdout)
+    return report
+
+
+def test_oracle_pslist_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
+                                        vol_base: list[str]) -> None:
+    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.pslist")
+    vol = {(int(r[1]), int(r[3]), r[4]) for r in rows if int(r[1]) == int(r[2])}
+    report = vims_report(hooked_snapshot, profile_path)
+    ours = {(p["pid"], p["ppid"], p["comm"]) for p in report["processes"]}  # type: ignore[attr-defined]
+    assert ours == vol
+    assert len(ours) > 40
+
+
+def test_oracle_lsmod_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
+                                       vol_base: list[str]) -> None:
+    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.lsmod")
+    vol = {(r[1], int(r[2], 16)) for r in rows}
+    report = vims_report(hooked_snapshot, profile_path)
+    assert {(m["name"], m["size"]) for m in report["modules"]} == vol  # type: ignore[attr-defined]
+
+
+def test_oracle_check_syscall_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
+                                               vol_base: list[str]) -> None:
+    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.malware.check_syscall")
+    vol = {int(r[2]): (int(r[3], 16), r[4]) for r in rows if r[1] == "64bit"}
+    report = vims_report(hooked_snapshot, profile_path)
+    hooks = [f for f in report["findings"]  # type: ignore[attr-defined]
+             if f["check"] == "kernel.syscall_table"]
+    assert [f["evidence"]["nr"] for f in hooks] == [39]
+    # Volatility sees the same handler address (it prints 48-bit virtual addresses) and
+    # names it: read's handler in getpid's slot.
+    found = int(hooks[0]["evidence"]["found"], 16) & ((1 << 48) - 1)
+    assert vol[39] == (found, "__x64_sys_read")
+    assert vol[0][1] == "__x64_sys_read"
+    assert all(sym != "UNKNOWN" for _, sym in vol.values())

@@ -132,7 +132,7 @@ def build(profile_path: Path, initramfs: Path | None, rootfs: Path | None,
     from vims import ui
     from vims.baseline import BASELINE_FORMAT, load_image_files, save
     from vims.checks.kernel import read_idt
-    from vims.vmi.ktext import normalized_text_pages
+    from vims.vmi.ktext import encode_text, normalized_text
     from vims.vmi.linux import Linux
 
     if initramfs is not None and rootfs is not None:
@@ -152,11 +152,10 @@ def build(profile_path: Path, initramfs: Path | None, rootfs: Path | None,
             slide = mem.kaslr_offset
             data["idt"] = [a - slide if a else 0 for a in read_idt_ctx(mem, read_idt)]
             data["modules"] = {m.name: {"size": m.size} for m in Linux(mem).modules()}
-            data["kernel_text"] = {"pages": normalized_text_pages(mem).digests}
+            data["kernel_text"] = encode_text(normalized_text(mem))
     save(data, out)
     click.echo(f"{out}: {len(data['executables'])} executables"
-               + (f", {len(data['modules'])} modules, IDT, "
-                  f"{len(data['kernel_text']['pages'])} kernel text pages" if memory else ""))
+               + (f", {len(data['modules'])} modules, IDT, kernel text" if memory else ""))
 
 
 def read_idt_ctx(mem: GuestMemory, reader: Callable[[Any], list[int]]) -> list[int]:

@@ -136,22 +136,22 @@ class KernelTextCheck(Check):
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
-        from vims.vmi.ktext import normalized_text_pages
+        from vims.vmi.ktext import compare_text, expected_text, read_text
 
-        base = ctx.need_baseline("kernel_text")
-        pages = normalized_text_pages(ctx.mem)
-        want: list[str] = base["pages"]
-        if len(want) != len(pages.digests):
-            raise CheckError("baseline kernel text has a different size: other kernel?")
-        out = []
+        layout = ctx.profile.text_layout
+        try:
+            expected = expected_text(ctx.need_baseline("kernel_text"), layout,
+                                     ctx.mem.kaslr_offset)
+        except ValueError as exc:
+            raise CheckError(str(exc)) from exc
         start = ctx.mem.sym("_stext")
-        for i, (w, got) in enumerate(zip(want, pages.digests, strict=True)):
-            if w != got:
-                addr = start + i * PAGE
-                out.append(self.finding(
-                    f"kernel text modified in page {symbolize(ctx, addr)}",
-                    page=f"0x{addr:x}", symbol=symbolize(ctx, addr), expected_sha256=w,
-                    found_sha256=got))
+        out = []
+        for diff in compare_text(read_text(ctx.mem), expected, layout):
+            addr = start + diff.offset
+            out.append(self.finding(
+                f"kernel text modified at {symbolize(ctx, addr)}",
+                address=f"0x{addr:x}", symbol=symbolize(ctx, addr), page=f"0x{addr & ~0xFFF:x}",
+                expected=diff.expected.hex(), found=diff.found.hex()))
         return out
 
 

@@ -237,6 +237,7 @@ class CodeCheck(Check):
         p, mem = ctx.profile, ctx.mem
         out = []
         checked: set[tuple[int, str]] = set()
+        digests: dict[int, str] = {}  # physical page -> digest: page-cache pages are shared
         for t in ctx.tasks:
             if t.kernel_thread or not t.exe or t.pid != t.tgid:
                 continue
@@ -259,10 +260,13 @@ class CodeCheck(Check):
             for vpage in range(start & ~(PAGE - 1), end, PAGE):
                 want = pages.get(str(vpage - bias))
                 try:
-                    data = mem.read_user(vpage, PAGE, t.pgd)
+                    paddr = mem.uv2p(vpage, t.pgd)
                 except MemoryReadError:
                     continue  # not resident: nothing in memory to be wrong
-                got = hashlib.sha256(data).hexdigest()[:32]
+                got = digests.get(paddr)
+                if got is None:
+                    got = hashlib.sha256(mem.read_pa(paddr, PAGE)).hexdigest()[:32]
+                    digests[paddr] = got
                 if want is not None and got != want:
                     out.append(self.finding(
                         f"process {t.pid} ({t.comm}) code page 0x{vpage:x} differs from {t.exe}",

@@ -17,12 +17,18 @@ differs between two clean boots is removed before hashing:
   by forging table entries in guest memory.
 
 Everything else that differs from the baseline is a finding.
+
+Speed: the baseline keeps the clean text with relocations undone (masks not
+applied). A check re-applies the current slide to it once per boot (cached),
+then compares the guest's text with one memcmp; only pages that differ are
+looked at again with their patch sites masked.
 """
 
 from __future__ import annotations
 
 import array
 import base64
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -58,6 +64,15 @@ class TextLayout:
     inv32: list[int]
     abs64: list[int]
     masks: list[tuple[int, int]]  # (offset, length)
+
+    @functools.cached_property
+    def page_masks(self) -> dict[int, list[tuple[int, int]]]:
+        """Patch sites by text page, for the slow path of a comparison."""
+        pages: dict[int, list[tuple[int, int]]] = {}
+        for off, length in self.masks:
+            for page in {off // PAGE, (off + length - 1) // PAGE}:
+                pages.setdefault(page, []).append((off, length))
+        return pages
 
     def to_json(self) -> dict[str, object]:
         return {"size": self.size, "abs32": pack_u32(self.abs32), "inv32": pack_u32(self.inv32),
@@ -113,38 +128,114 @@ def build_layout(stext: int, etext: int, relocs: bytes, jump_sites: list[int],
                       abs64=inside(abs64, 8), masks=masks)
 
 
-def normalize(text: bytearray, layout: TextLayout, slide: int) -> None:
-    """Undo the KASLR slide at relocation sites and zero the runtime patch sites."""
-    m32 = 0xFFFFFFFF
+def _shift(text: bytearray, layout: TextLayout, delta: int) -> None:
+    """Add ``delta`` at every relocation site (subtract it at inverse ones)."""
+    m32, m64 = 0xFFFFFFFF, (1 << 64) - 1
+    u32, u64 = struct.Struct("<I"), struct.Struct("<Q")
     for off in layout.abs32:
-        (v,) = struct.unpack_from("<I", text, off)
-        struct.pack_into("<I", text, off, (v - slide) & m32)
+        u32.pack_into(text, off, (u32.unpack_from(text, off)[0] + delta) & m32)
     for off in layout.inv32:
-        (v,) = struct.unpack_from("<I", text, off)
-        struct.pack_into("<I", text, off, (v + slide) & m32)
+        u32.pack_into(text, off, (u32.unpack_from(text, off)[0] - delta) & m32)
     for off in layout.abs64:
-        (v,) = struct.unpack_from("<Q", text, off)
-        struct.pack_into("<Q", text, off, (v - slide) & (1 << 64) - 1)
-    for off, length in layout.masks:
-        text[off:off + length] = bytes(length)
+        u64.pack_into(text, off, (u64.unpack_from(text, off)[0] + delta) & m64)
 
 
-@dataclass
-class TextPages:
-    digests: list[str]
+def unrelocate(text: bytearray, layout: TextLayout, slide: int) -> None:
+    """Undo the KASLR slide at relocation sites: the text as linked."""
+    _shift(text, layout, -slide)
 
 
-def page_digests(text: bytes) -> list[str]:
-    return [hashlib.sha256(text[i:i + PAGE]).hexdigest()[:32] for i in range(0, len(text), PAGE)]
+def relocate(text: bytearray, layout: TextLayout, slide: int) -> None:
+    """Apply a KASLR slide at relocation sites, as the decompressor did."""
+    _shift(text, layout, slide)
 
 
-def read_text(mem: GuestMemory) -> bytes:
-    return mem.read(mem.sym("_stext"), mem.profile.text_layout.size)
+def read_text(mem: GuestMemory) -> bytearray:
+    """The guest's kernel text as it is now, ``[_stext, _etext)``."""
+    buf = bytearray(mem.profile.text_layout.size)
+    mem.read_into(mem.sym("_stext"), buf)
+    return buf
 
 
-def normalized_text_pages(mem: GuestMemory) -> TextPages:
-    """Per-page digests of the guest's kernel text, normalized for comparison."""
-    layout = mem.profile.text_layout
-    text = bytearray(read_text(mem))
-    normalize(text, layout, mem.kaslr_offset)
-    return TextPages(page_digests(bytes(text)))
+def normalized_text(mem: GuestMemory) -> bytes:
+    """The guest's kernel text with relocations undone (for a baseline)."""
+    text = read_text(mem)
+    unrelocate(text, mem.profile.text_layout, mem.kaslr_offset)
+    return bytes(text)
+
+
+def encode_text(text: bytes) -> dict[str, str]:
+    import zstandard
+
+    return {"encoding": "zstd+base64", "sha256": hashlib.sha256(text).hexdigest(),
+            "data": base64.b64encode(zstandard.ZstdCompressor(level=6).compress(text)).decode()}
+
+
+def decode_text(entry: dict[str, str], size: int) -> bytes:
+    import zstandard
+
+    if entry.get("encoding") != "zstd+base64":
+        raise ValueError(f"unknown kernel text encoding {entry.get('encoding')!r}")
+    data = zstandard.ZstdDecompressor().decompress(base64.b64decode(entry["data"]),
+                                                   max_output_size=size)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError("baseline kernel text is corrupt or for another kernel")
+    return data
+
+
+@dataclass(frozen=True)
+class TextDiff:
+    """A stretch of kernel text that differs from the baseline outside patch sites."""
+
+    offset: int  # from _stext
+    expected: bytes
+    found: bytes
+
+
+_EXPECTED: dict[tuple[str, int], bytes] = {}
+
+
+def expected_text(entry: dict[str, str], layout: TextLayout, slide: int) -> bytes:
+    """The baseline text relocated for ``slide``; cached, since a slide lasts a boot."""
+    key = (entry["sha256"], slide)
+    cached = _EXPECTED.get(key)
+    if cached is None:
+        text = bytearray(decode_text(entry, layout.size))
+        relocate(text, layout, slide)
+        cached = bytes(text)
+        _EXPECTED.clear()  # one guest boot at a time per process is the common case
+        _EXPECTED[key] = cached
+    return cached
+
+
+
+
+def compare_text(found: bytes | bytearray, expected: bytes, layout: TextLayout,
+                 max_diffs: int = 64) -> list[TextDiff]:
+    """Differences outside runtime patch sites, one per differing stretch."""
+    if found == expected:
+        return []
+    masks = layout.page_masks
+    diffs: list[TextDiff] = []
+    view_f, view_e = memoryview(found), memoryview(expected)
+    for page in range(0, (len(found) + PAGE - 1) // PAGE):
+        lo, hi = page * PAGE, min(len(found), (page + 1) * PAGE)
+        if view_f[lo:hi] == view_e[lo:hi]:
+            continue
+        f, e = bytearray(found[lo:hi]), bytearray(expected[lo:hi])
+        for off, length in masks.get(page, []):
+            a, b = max(off, lo) - lo, min(off + length, hi) - lo
+            f[a:b] = e[a:b] = bytes(b - a)
+        if f == e:
+            continue  # only patch sites changed: legitimate
+        i = 0
+        while i < len(f) and len(diffs) < max_diffs:
+            if f[i] == e[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(f) and f[j] != e[j] and j - i < 64:
+                j += 1
+            diffs.append(TextDiff(lo + i, bytes(e[i:j]), bytes(f[i:j])))
+            i = j
+    return diffs

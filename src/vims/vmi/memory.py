@@ -119,6 +119,8 @@ class GuestMemory:
             self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
         stext = int(self.vmi.translate_ksym2v("_stext"))
         self.kaslr_offset: int = stext - profile.symbol("_stext")
+        pgd = "init_top_pgt" if profile.has_symbol("init_top_pgt") else "swapper_pg_dir"
+        self._kernel_dtb = self.kv2p(self.sym(pgd))
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -191,19 +193,46 @@ class GuestMemory:
         return bytes(data)
 
     def read(self, vaddr: int, size: int) -> bytes:
-        """Read kernel virtual memory, page by page (pages need not be contiguous)."""
+        """Read kernel virtual memory.
+
+        Each step asks the kernel's page tables for the mapping and its page
+        size, so a read crossing 2 MiB or 1 GiB pages (kernel text, the direct
+        map) costs one translation per large page rather than one per 4 KiB.
+        """
         if not 0 <= size <= MAX_READ:
             raise MemoryReadError(vaddr, size, "read too large")
         if vaddr < 0 or vaddr + size > 1 << 64:
             raise MemoryReadError(vaddr, size, "not a canonical address")
-        out = bytearray()
-        pos = vaddr
-        end = vaddr + size
+        if size <= PAGE - (vaddr & (PAGE - 1)):  # the common small read: one page
+            return self.read_pa(self.kv2p(vaddr), size)
+        buf = bytearray(size)
+        self.read_into(vaddr, buf)
+        return bytes(buf)
+
+    def read_into(self, vaddr: int, buf: bytearray) -> None:
+        """Fill ``buf`` from kernel virtual memory: one copy, for bulk reads (kernel text)."""
+        pos, end = vaddr, vaddr + len(buf)
         while pos < end:
-            chunk = min(end, (pos | (PAGE - 1)) + 1) - pos
-            out += self.read_pa(self.kv2p(pos), chunk)
+            paddr, page_size = self._lookup(pos)
+            chunk = min(end, (pos | (page_size - 1)) + 1) - pos
+            if self._map is not None:
+                if paddr + chunk > len(self._map):
+                    raise MemoryReadError(pos, chunk, "beyond the end of guest RAM")
+                buf[pos - vaddr:pos - vaddr + chunk] = memoryview(self._map)[paddr:paddr + chunk]
+            else:
+                buf[pos - vaddr:pos - vaddr + chunk] = self.read_pa(paddr, chunk)
             pos += chunk
-        return bytes(out)
+
+    def _lookup(self, vaddr: int) -> tuple[int, int]:
+        """Physical address of ``vaddr`` and the size of the page that maps it."""
+        try:
+            info = self.vmi.pagetable_lookup_extended(self._kernel_dtb, vaddr)
+        except (self._libvmi_error, OverflowError) as exc:
+            raise MemoryReadError(vaddr, 1) from exc
+        size = int(info.size)
+        if size not in (PAGE, 2 << 20, 1 << 30):
+            size = PAGE
+        return int(info.paddr), size
 
     def read_user(self, vaddr: int, size: int, dtb: int) -> bytes:
         """Read a process's memory through its page tables (``dtb`` = physical PGD)."""

@@ -31,6 +31,7 @@ Addresses are as linked (before KASLR); the memory layer adds the slide.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -485,7 +486,7 @@ class Profile:
         """Handler of each syscall as linked (empty if the profile was built without facts)."""
         return list(self._data.get("syscall_table", []))
 
-    @property
+    @functools.cached_property
     def text_layout(self) -> TextLayout:
         raw = self._data.get("text_layout")
         if not isinstance(raw, dict):
