@@ -277,6 +277,27 @@ def test_hidden_module_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMem
         sh(lab_manager, lab, "rmmod dummy")
 
 
+def test_module_hidden_from_list_and_sysfs_is_found_by_scan(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    sh(lab_manager, lab, "modprobe dummy")
+    try:
+        p = mem.profile
+        with lab_manager.paused(lab.name):
+            mem.flush()
+            dummy = next(m for m in Linux(mem).modules() if m.name == "dummy")
+            kobj_entry = (dummy.address + p.offset("module", "mkobj")
+                          + p.offset("module_kobject", "kobj") + p.offset("kobject", "entry"))
+            with unlinked(mem, dummy.address + p.offset("module", "list")), \
+                    unlinked(mem, kobj_entry):
+                report = round_(mem, baseline, policy, "kernel.hidden_modules")
+        hits = findings(report, "kernel.hidden_modules")
+        assert [(f["evidence"]["module"], f["evidence"]["seen_in"]) for f in hits] == [
+            ("dummy", "scan")]
+    finally:
+        sh(lab_manager, lab, "rmmod dummy")
+
+
 def test_patched_process_code_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                        baseline: dict[str, Any], policy: dict[str, Any]) -> None:
     with lab_manager.paused(lab.name):

@@ -7,7 +7,8 @@ import struct
 from typing import Any, ClassVar
 
 from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
-from vims.vmi.linux import MAX_MODULES, Struct, is_kernel_pointer, list_for_each
+from vims.vmi.linux import MAX_MODULES, WalkError, is_kernel_pointer, list_for_each
+from vims.vmi.memory import GuestMemory, MemoryReadError
 
 IDT_ENTRIES = 256
 PAGE = 4096
@@ -99,32 +100,128 @@ class ModulesCheck(Check):
         return out
 
 
+MODULES_VADDR = 0xFFFFFFFFC0000000  # x86_64: __START_KERNEL_map + KERNEL_IMAGE_SIZE (1 GiB)
+MODULES_END = 0xFFFFFFFFFF000000
+MAX_VMAP_AREAS = 1 << 17
+MAX_SCAN_BYTES = 256 << 20
+CACHELINE = 64
+
+
+def kset_modules(ctx: Context) -> set[int]:
+    """Modules reachable from ``module_kset`` (what /sys/module shows)."""
+    p = ctx.profile
+    kset = ctx.mem.u64(ctx.mem.sym("module_kset"))
+    if not is_kernel_pointer(kset):
+        raise CheckError("module_kset is not a kernel pointer")
+    entry_off = p.offset("kobject", "entry")
+    kobj_off = p.offset("module_kobject", "kobj")
+    mod_off = p.offset("module_kobject", "mod")
+    found = set()
+    for node in list_for_each(ctx.mem, kset + p.offset("kset", "list"), MAX_MODULES * 4):
+        mod = ctx.mem.u64(node - entry_off - kobj_off + mod_off)
+        if mod:  # built-in modules have kobjects with mod == NULL
+            found.add(mod)
+    return found
+
+
+def module_areas(ctx: Context) -> list[tuple[int, int]]:
+    """vmalloc areas inside the module range, by a range search of ``vmap_area_root``.
+
+    The rb-tree is ordered by ``va_start`` and module addresses sit at the top
+    of the kernel's address space, so only O(log n) other areas are visited.
+    """
+    p, mem = ctx.profile, ctx.mem
+    rb_off = p.offset("vmap_area", "rb_node")
+    left, right = p.offset("rb_node", "rb_left"), p.offset("rb_node", "rb_right")
+    areas = []
+    stack = [mem.u64(mem.sym("vmap_area_root"))]  # struct rb_root { struct rb_node *rb_node; }
+    visited = 0
+    while stack:
+        node = stack.pop()
+        if not node:
+            continue
+        visited += 1
+        if visited > MAX_VMAP_AREAS or not is_kernel_pointer(node):
+            raise WalkError("vmap_area tree corrupt", node)
+        start, end = struct.unpack("<QQ", mem.read(node - rb_off, 16))
+        if start >= MODULES_VADDR:
+            stack.append(mem.u64(node + left))
+        if start < MODULES_END:
+            stack.append(mem.u64(node + right))
+        if MODULES_VADDR <= start < end <= MODULES_END:
+            areas.append((start, end))
+    return sorted(areas)
+
+
+def scanned_modules(ctx: Context) -> set[int]:
+    """``struct module``s found by scanning the module area's vmalloc allocations.
+
+    A ``struct module`` is cache-line aligned and its ``mkobj.mod`` points back
+    at itself: a self-reference a random word matches by chance only rarely, and
+    one an unlinked module keeps (sysfs needs it until the module is freed).
+    """
+    p, mem = ctx.profile, ctx.mem
+    back = p.offset("module", "mkobj") + p.offset("module_kobject", "mod")
+    name_off = p.offset("module", "name")
+    found: set[int] = set()
+    budget = MAX_SCAN_BYTES
+    for start, end in module_areas(ctx):
+        for page in range(start, end, 4096):
+            budget -= 4096
+            if budget < 0:
+                raise CheckError("module area larger than the scan allows")
+            try:
+                data = mem.read(page, 4096)
+            except MemoryReadError:
+                continue  # guard pages and holes
+            found |= _self_references(mem, page, data, back, name_off)
+    return found
+
+
+def _self_references(mem: GuestMemory, page: int, data: bytes, back: int,
+                     name_off: int) -> set[int]:
+    """Candidates ``m`` in this page with ``*(u64 *)(m + back) == m``.
+
+    The word in this page points ``back`` bytes below itself, into this page or
+    the previous one: its bits 16..63 are theirs, so ``bytes.find`` locates
+    candidates at C speed instead of testing every cache line in Python.
+    """
+    found: set[int] = set()
+    for hi_page in {page - 4096, page}:
+        needle = hi_page.to_bytes(8, "little")[2:]  # bits 16..63 of the self-pointer
+        at = data.find(needle, 2)
+        while at >= 0:
+            word_off = at - 2
+            value = int.from_bytes(data[word_off:word_off + 8], "little")
+            cand = page + word_off - back
+            if word_off % 8 == 0 and value == cand and cand % CACHELINE == 0:
+                try:
+                    name = mem.cstr(cand + name_off, 56)
+                except MemoryReadError:
+                    name = ""
+                if name and name.isprintable():
+                    found.add(cand)
+            at = data.find(needle, at + 1)
+    return found
+
+
 class HiddenModulesCheck(Check):
     id: ClassVar[str] = "kernel.hidden_modules"
     description: ClassVar[str] = (
-        "Cross-view of the module list against the module kset (sysfs kobjects).")
+        "Cross-view of the module list against the module kset and a scan of module memory.")
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
-        p = ctx.profile
         listed = {m.address for m in ctx.modules}
-        kset = ctx.mem.u64(ctx.mem.sym("module_kset"))
-        if not is_kernel_pointer(kset):
-            raise CheckError("module_kset is not a kernel pointer")
-        head = kset + p.offset("kset", "list")
-        entry_off = p.offset("kobject", "entry")
-        kobj_off = p.offset("module_kobject", "kobj")
         out = []
-        for node in list_for_each(ctx.mem, head, MAX_MODULES * 4):
-            kobj = node - entry_off
-            mk = Struct(ctx.mem, "module_kobject", kobj - kobj_off)
-            mod = mk.ptr("mod")
-            # Built-in modules have kobjects with mod == NULL: only loaded ones count.
-            if mod and mod not in listed:
-                name = ctx.mem.cstr(mod + p.offset("module", "name"), 56)
-                out.append(self.finding(f"module {name} is loaded but unlinked from the list",
-                                        module=name, address=f"0x{mod:x}", view="module_kset"))
+        seen: set[int] = set()
+        for view, mods in (("module_kset", kset_modules(ctx)), ("scan", scanned_modules(ctx))):
+            for mod in sorted(mods - listed - seen):
+                seen.add(mod)
+                name = ctx.mem.cstr(mod + ctx.profile.offset("module", "name"), 56)
+                out.append(self.finding(f"module {name} is loaded but hidden from the module list",
+                                        module=name, address=f"0x{mod:x}", seen_in=view))
         return out
 
 
