@@ -1,0 +1,1 @@
+"""The REM-S: appraises A-VM evidence and C-VM reports, issues EAR verdicts."""

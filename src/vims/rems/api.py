@@ -1,0 +1,143 @@
+"""The REM-S HTTP API (FastAPI; the OpenAPI spec is served at /openapi.json).
+
+``GET /v1/decision/{cvm}`` answers 200 (body: the EAR) or 403, so nginx's
+``auth_request`` can use it as it is. Reads are open to the gate; writes
+(policies, assignments) need the operator's bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+from vims import __version__
+from vims.rems import ear
+from vims.rems.service import RemsService
+from vims.rems.verdict import PolicyError, VerdictPolicy
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+CHECK_ID = re.compile(r"^[a-z]+\.[a-z_]+$")
+MAX_POLICY_CHECKS = 64
+
+CvmName = Annotated[str, Path(pattern=NAME, description="C-VM name")]
+
+
+def validate_policy(body: dict[str, Any]) -> None:
+    """A policy: checks with frequencies, and verdict rules (JMESPath)."""
+    checks = body.get("checks", [])
+    if not isinstance(checks, list) or len(checks) > MAX_POLICY_CHECKS:
+        raise PolicyError(f"checks must be a list of at most {MAX_POLICY_CHECKS}")
+    for c in checks:
+        if not isinstance(c, dict) or not CHECK_ID.match(str(c.get("id", ""))):
+            raise PolicyError("each check needs an id like kernel.text")
+        interval = c.get("interval_s", 10)
+        if not isinstance(interval, (int, float)) or not 0.1 <= interval <= 86400:
+            raise PolicyError(f"{c['id']}: interval_s must be within 0.1..86400")
+    VerdictPolicy.from_dict({"name": body.get("name", "policy"), **body.get("verdict", {})})
+
+
+def create_app(service: RemsService, admin_token: str) -> FastAPI:
+    app = FastAPI(title="VIMS REM-S", version=__version__,
+                  description="Verdicts on C-VMs from A-VM introspection reports.")
+
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given.encode(), admin_token.encode()):
+            raise HTTPException(401, "authentication required",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/v1/decision/{cvm}", responses={403: {"description": "untrusted, stale or unknown"}})
+    def decision(cvm: CvmName) -> PlainTextResponse:
+        """200 with the EAR when the C-VM may pass the gate, else 403."""
+        d = service.decision(cvm)
+        headers = {"X-VIMS-Status": d.status, "X-VIMS-Reason": d.reason,
+                   "Cache-Control": "no-store"}
+        if d.allowed and d.ear:
+            return PlainTextResponse(d.ear, headers=headers, media_type="application/jwt")
+        return PlainTextResponse(d.reason, status_code=403, headers=headers)
+
+    @app.get("/v1/cvms")
+    def cvms() -> list[dict[str, Any]]:
+        out = []
+        for name in service.store.cvms():
+            v = service.store.verdict(name)
+            d = service.decision(name)
+            out.append({"cvm": name, "allowed": d.allowed, "reason": d.reason,
+                        "status": v["status"] if v else "none",
+                        "vector": v["vector"] if v else {},
+                        "expires_at": v["expires_at"] if v else None,
+                        "policy": service.store.policy_of(name)})
+        return out
+
+    @app.get("/v1/cvms/{cvm}/reports")
+    def reports(cvm: CvmName,
+                limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
+        return service.store.reports(cvm, limit)
+
+    @app.put("/v1/policies/{name}", dependencies=[Depends(require_admin)])
+    def put_policy(name: Annotated[str, Path(pattern=NAME)],
+                   body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            validate_policy(body)
+        except PolicyError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        changed, version = service.store.put_policy(name, {**body, "name": name})
+        return {"name": name, "version": version, "changed": changed}
+
+    @app.get("/v1/policies/{name}")
+    def get_policy(name: Annotated[str, Path(pattern=NAME)]) -> dict[str, Any]:
+        found = service.store.get_policy(name)
+        if found is None:
+            raise HTTPException(404, f"no policy {name}")
+        return {"name": name, "version": found[0], "policy": found[1]}
+
+    @app.put("/v1/cvms/{cvm}/policy", dependencies=[Depends(require_admin)])
+    def assign(cvm: CvmName, body: dict[str, str]) -> dict[str, Any]:
+        policy = body.get("policy", "")
+        if service.store.get_policy(policy) is None:
+            raise HTTPException(404, f"no policy {policy!r}")
+        return {"cvm": cvm, "policy": policy, "changed": service.store.assign(cvm, policy)}
+
+    @app.get("/.well-known/jwks.json")
+    def jwks() -> JSONResponse:
+        """The key relying parties verify EARs with."""
+        return JSONResponse(ear.jwks(service.key.public_key()))
+
+    @app.get("/", response_class=HTMLResponse)
+    def status_page() -> str:
+        """C-VMs with their verdict, trust vector and recent results, for people."""
+        rows = []
+        for item in cvms():
+            timeline = "".join(
+                f'<span class="{html.escape(r["result"])}" title="#{r["seq"]}"></span>'
+                for r in reversed(service.store.reports(item["cvm"], 30)))
+            vector = ", ".join(f"{k} {v}" for k, v in item["vector"].items() if v)
+            rows.append(
+                f"<tr><td>{html.escape(item['cvm'])}</td>"
+                f"<td class=\"{'ok' if item['allowed'] else 'deny'}\">"
+                f"{'allowed' if item['allowed'] else 'denied'}</td>"
+                f"<td>{html.escape(item['status'])}</td><td>{html.escape(vector)}</td>"
+                f"<td>{html.escape(item['reason'])}</td><td class=\"tl\">{timeline}</td></tr>")
+        return STATUS_PAGE.format(rows="".join(rows) or '<tr><td colspan="6">no C-VMs yet'
+                                  "</td></tr>", now=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  version=__version__)
+
+    return app
+
+
+STATUS_PAGE = """<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="5"><title>VIMS REM-S</title><style>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+.ok{{color:#060;font-weight:bold}} .deny{{color:#a00;font-weight:bold}}
+.tl span{{display:inline-block;width:8px;height:14px;margin-right:1px}}
+.tl .pass{{background:#3a3}} .tl .fail{{background:#c33}} .tl .error{{background:#e90}}
+</style></head><body><h1>VIMS REM-S</h1><p>{now} · vims {version}</p>
+<table><tr><th>C-VM</th><th>gate</th><th>status</th><th>trust vector</th><th>reason</th>
+<th>recent reports</th></tr>{rows}</table></body></html>"""

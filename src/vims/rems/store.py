@@ -1,0 +1,243 @@
+"""REM-S storage behind one interface: SQLite (WAL) embedded, PostgreSQL shared.
+
+SQLAlchemy Core gives one code path for both engines; Alembic migrates the
+schema on open. Several REM-S instances can share a PostgreSQL database: every
+write is a short transaction, report sequence numbers are unique per C-VM in
+the schema (a replayed report fails the insert), and audit appends serialize on
+the chain's tail row.
+
+The audit log is append-only and hash-chained: each entry's hash covers the
+previous entry's hash and the entry's canonical JSON, so an edited, removed or
+reordered entry breaks the chain at that point (``verify_audit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from vims.errors import VimsError
+from vims.rems import schema as s
+
+GENESIS = "0" * 64
+
+
+class StoreError(VimsError):
+    """The REM-S database cannot be used."""
+
+
+class DuplicateReport(StoreError):
+    """A report with this C-VM and sequence number is already stored (a replay)."""
+
+
+def canonical(data: Any) -> bytes:
+    """The one encoding hashed everywhere: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(entry)).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditCheck:
+    ok: bool
+    entries: int
+    first_bad_id: int | None = None
+    reason: str = ""
+
+
+class Store:
+    """The REM-S database; ``url`` is an SQLAlchemy URL (sqlite:///path or postgresql://)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if url in ("sqlite://", "sqlite:///:memory:"):
+                kwargs["poolclass"] = StaticPool
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except Exception as exc:  # bad URLs raise assorted errors
+            raise StoreError(f"bad database URL {url!r}: {exc}") from exc
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(resources.files("vims.rems") / "migrations"))
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except Exception as exc:  # driver errors vary by engine
+            raise StoreError(f"cannot open or migrate {self.url}: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------- policies
+    def put_policy(self, name: str, body: dict[str, Any]) -> tuple[bool, int]:
+        """Store a policy; returns (changed, version). Same content: no new version."""
+        digest = hashlib.sha256(canonical(body)).hexdigest()
+        with self.engine.begin() as conn:
+            row = conn.execute(select(s.policies).where(s.policies.c.name == name)
+                               .with_for_update()).first()
+            if row is not None and row.digest == digest:
+                return False, int(row.version)
+            version = 1 if row is None else int(row.version) + 1
+            values = {"version": version, "digest": digest, "body": canonical(body).decode(),
+                      "updated_at": time.time()}
+            if row is None:
+                conn.execute(insert(s.policies).values(name=name, **values))
+            else:
+                conn.execute(update(s.policies).where(s.policies.c.name == name).values(**values))
+            self._audit(conn, "policy", name, {"version": version, "digest": digest})
+            return True, version
+
+    def get_policy(self, name: str) -> tuple[int, dict[str, Any]] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.policies).where(s.policies.c.name == name)).first()
+        return None if row is None else (int(row.version), json.loads(row.body))
+
+    def assign(self, cvm: str, policy: str) -> bool:
+        """Assign a policy to a C-VM; returns whether anything changed."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(s.policies.c.name).where(s.policies.c.name == policy)).first() \
+                    is None:
+                raise StoreError(f"no policy named {policy!r}")
+            row = conn.execute(select(s.assignments).where(s.assignments.c.cvm == cvm)).first()
+            if row is not None and row.policy == policy:
+                return False
+            if row is None:
+                conn.execute(insert(s.assignments).values(cvm=cvm, policy=policy))
+            else:
+                conn.execute(update(s.assignments).where(s.assignments.c.cvm == cvm)
+                             .values(policy=policy))
+            self._audit(conn, "assign", cvm, {"policy": policy})
+            return True
+
+    def policy_of(self, cvm: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.assignments.c.policy)
+                               .where(s.assignments.c.cvm == cvm)).first()
+        return None if row is None else str(row.policy)
+
+    # ---------------------------------------------------------------- A-VMs
+    def enroll(self, avm_id: str, ak_pem: str, ek_cert_pem: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(s.avms.delete().where(s.avms.c.avm_id == avm_id))
+            conn.execute(insert(s.avms).values(avm_id=avm_id, ak_pem=ak_pem,
+                                               ek_cert_pem=ek_cert_pem, enrolled_at=time.time()))
+            self._audit(conn, "enroll", avm_id,
+                        {"ak_sha256": hashlib.sha256(ak_pem.encode()).hexdigest()})
+
+    def ak_of(self, avm_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.avms.c.ak_pem).where(s.avms.c.avm_id == avm_id)).first()
+        return None if row is None else str(row.ak_pem)
+
+    # -------------------------------------------------------------- reports
+    def add_report(self, cvm: str, avm_id: str, seq: int, prev_hash: str,
+                   body: dict[str, Any]) -> str:
+        """Store a report and audit it; returns its digest. A replayed seq is refused."""
+        raw = canonical(body)
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(s.reports).values(
+                    cvm=cvm, avm_id=avm_id, seq=seq, digest=digest, prev_hash=prev_hash,
+                    received_at=time.time(), result=str(body.get("result", "error"))[:16],
+                    body=raw.decode()))
+                self._audit(conn, "report", cvm, {"seq": seq, "digest": digest,
+                                                  "avm": avm_id})
+        except IntegrityError as exc:
+            raise DuplicateReport(f"report {cvm}#{seq} is already stored") from exc
+        return digest
+
+    def last_seq(self, cvm: str) -> int:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.reports.c.seq).where(s.reports.c.cvm == cvm)
+                               .order_by(s.reports.c.seq.desc()).limit(1)).first()
+        return 0 if row is None else int(row.seq)
+
+    def reports(self, cvm: str, limit: int = 50) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(s.reports).where(s.reports.c.cvm == cvm)
+                                .order_by(s.reports.c.seq.desc()).limit(limit)).all()
+        return [{"seq": r.seq, "digest": r.digest, "prev_hash": r.prev_hash,
+                 "received_at": r.received_at, "result": r.result, "avm": r.avm_id,
+                 "report": json.loads(r.body)} for r in rows]
+
+    # ------------------------------------------------------------- verdicts
+    def put_verdict(self, cvm: str, status: str, vector: dict[str, int], ear: str,
+                    issued_at: float, expires_at: float, report_seq: int | None) -> None:
+        values = {"status": status, "vector": canonical(vector).decode(), "ear": ear,
+                  "issued_at": issued_at, "expires_at": expires_at, "report_seq": report_seq}
+        with self.engine.begin() as conn:
+            if conn.execute(update(s.verdicts).where(s.verdicts.c.cvm == cvm)
+                            .values(**values)).rowcount == 0:
+                conn.execute(insert(s.verdicts).values(cvm=cvm, **values))
+            self._audit(conn, "verdict", cvm, {"status": status, "vector": vector,
+                                               "expires_at": expires_at, "seq": report_seq})
+
+    def verdict(self, cvm: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(s.verdicts).where(s.verdicts.c.cvm == cvm)).first()
+        if r is None:
+            return None
+        return {"cvm": cvm, "status": r.status, "vector": json.loads(r.vector), "ear": r.ear,
+                "issued_at": r.issued_at, "expires_at": r.expires_at, "report_seq": r.report_seq}
+
+    def cvms(self) -> list[str]:
+        with self.engine.connect() as conn:
+            names = {r[0] for r in conn.execute(select(s.verdicts.c.cvm))}
+            names |= {r[0] for r in conn.execute(select(s.assignments.c.cvm))}
+        return sorted(names)
+
+    # ----------------------------------------------------------------- audit
+    def _audit(self, conn: Any, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        tail = conn.execute(select(s.audit.c.hash).order_by(s.audit.c.id.desc()).limit(1)
+                            .with_for_update()).first()
+        prev = GENESIS if tail is None else str(tail.hash)
+        entry = {"ts": round(time.time(), 6), "kind": kind, "subject": subject,
+                 "payload": payload}
+        conn.execute(insert(s.audit).values(ts=entry["ts"], kind=kind, subject=subject,
+                                            payload=canonical(payload).decode(),
+                                            prev_hash=prev, hash=chain_hash(prev, entry)))
+
+    def verify_audit(self) -> AuditCheck:
+        """Walk the audit chain from the start; report the first broken entry."""
+        prev, count = GENESIS, 0
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(s.audit).order_by(s.audit.c.id)):
+                count += 1
+                entry = {"ts": row.ts, "kind": row.kind, "subject": row.subject,
+                         "payload": json.loads(row.payload)}
+                if row.prev_hash != prev:
+                    return AuditCheck(False, count, row.id, "entry missing or reordered before it")
+                if chain_hash(prev, entry) != row.hash:
+                    return AuditCheck(False, count, row.id, "entry altered")
+                prev = row.hash
+        return AuditCheck(True, count)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
