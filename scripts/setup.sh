@@ -15,7 +15,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 2; }
 
 DEBIAN_PACKAGES=(
   qemu-system-x86 busybox-static swtpm swtpm-tools tpm2-tools libtss2-dev
-  pkg-config xz-utils zstd cpio gcc make ca-certificates
+  pkg-config xz-utils zstd cpio gcc make ca-certificates nginx
+  postgresql
 )
 
 install_packages() {

@@ -15,6 +15,7 @@ from vims.checks.cli import baseline, check
 from vims.demo import demo
 from vims.errors import VimsError
 from vims.lab.cli import lab
+from vims.rems.cli import rems
 from vims.tpm.cli import tpm
 from vims.vmi.cli import profile
 
@@ -31,6 +32,7 @@ cli.add_command(check)
 cli.add_command(baseline)
 cli.add_command(profile)
 cli.add_command(tpm)
+cli.add_command(rems)
 
 
 def main(argv: list[str] | None = None) -> int:

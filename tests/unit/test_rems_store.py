@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,65 @@ def test_audit_chain_detects_a_removed_entry(store: Store) -> None:
 def test_bad_database_url() -> None:
     with pytest.raises(StoreError):
         Store("nosuchdb://x")
+
+
+def test_cli_audit_verify(store: Store, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store.put_policy("lab", {"a": 1})
+    store.add_report("cvm1", "avm1", 1, GENESIS, {"result": "pass"})
+    url = f"sqlite:///{tmp_path / 'rems.db'}"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vims.cli", "rems", "audit", "verify",
+                               "--database", url], capture_output=True, text=True, check=False)
+
+    ok = run()
+    assert (ok.returncode, ok.stdout.strip()) == (0, "audit log intact: 2 entries")
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE audit SET subject = 'cvm2' WHERE id = 2"))
+    broken = run()
+    assert broken.returncode == 1
+    assert "BROKEN at entry 2" in broken.stdout
+
+
+def append_concurrently(url: str, rounds: int = 200) -> None:
+    """Two REM-S instances on one database write at once; nothing is lost or forked.
+
+    Each instance stores its own reports, races the other for the same shared
+    reports (a replay across instances: exactly one wins) and upserts the same
+    verdict; afterwards every report is stored once and the audit chain verifies.
+    """
+    stores = [Store(url), Store(url)]
+    start = threading.Barrier(len(stores))
+
+    def work(i: int) -> int:
+        store, won = stores[i], 0
+        start.wait()
+        for seq in range(1, rounds + 1):
+            store.add_report(f"own{i}", f"avm{i}", seq, GENESIS, {"result": "pass"})
+            try:
+                store.add_report("shared", f"avm{i}", seq, GENESIS, {"by": i})
+                won += 1
+            except DuplicateReport:
+                pass
+            store.put_verdict("shared", "affirming", {"executables": 2}, f"ear{i}",
+                              float(seq), float(seq) + 30, seq)
+        return won
+
+    with ThreadPoolExecutor(len(stores)) as pool:  # .result() re-raises a worker's error
+        won = [f.result() for f in [pool.submit(work, i) for i in range(len(stores))]]
+    assert sum(won) == rounds
+    for cvm in ("own0", "own1", "shared"):
+        assert [r["seq"] for r in stores[0].reports(cvm, limit=10 * rounds)] == \
+            list(range(rounds, 0, -1))
+    check = stores[1].verify_audit()
+    assert check.ok, check
+    assert check.entries == 3 * rounds + 2 * rounds  # 3 x rounds reports, 2 x rounds verdicts
+    for store in stores:
+        store.close()
+
+
+def test_two_instances_append_concurrently_on_sqlite_wal(tmp_path: Path) -> None:
+    append_concurrently(f"sqlite:///{tmp_path / 'rems.db'}")

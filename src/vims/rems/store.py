@@ -3,8 +3,12 @@
 SQLAlchemy Core gives one code path for both engines; Alembic migrates the
 schema on open. Several REM-S instances can share a PostgreSQL database: every
 write is a short transaction, report sequence numbers are unique per C-VM in
-the schema (a replayed report fails the insert), and audit appends serialize on
-the chain's tail row.
+the schema (a replayed report fails the insert), and write transactions
+serialize on one database-wide lock taken first (``pg_advisory_xact_lock`` on
+PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so audit appends always extend the
+committed tail, even when the audit table is still empty and ``FOR UPDATE``
+would lock nothing. Every write appends to the one audit chain anyway, so the
+lock costs no concurrency that the chain does not already forbid.
 
 The audit log is append-only and hash-chained: each entry's hash covers the
 previous entry's hash and the entry's canonical JSON, so an edited, removed or
@@ -16,13 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
@@ -30,6 +39,8 @@ from vims.errors import VimsError
 from vims.rems import schema as s
 
 GENESIS = "0" * 64
+# Key of the PostgreSQL advisory lock every REM-S write transaction holds ("vims").
+WRITE_LOCK_KEY = 0x76696D73
 
 
 class StoreError(VimsError):
@@ -63,6 +74,13 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         kwargs: dict[str, Any] = {}
+        try:  # plain postgresql:// means psycopg 3, the driver VIMS ships (not psycopg2)
+            parsed = make_url(url)
+            if parsed.drivername in ("postgresql", "postgres"):
+                url = parsed.set(drivername="postgresql+psycopg").render_as_string(
+                    hide_password=False)
+        except Exception as exc:  # an unparsable URL
+            raise StoreError(f"bad database URL {url!r}: {exc}") from exc
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             if url in ("sqlite://", "sqlite:///:memory:"):
@@ -73,6 +91,9 @@ class Store:
             raise StoreError(f"bad database URL {url!r}: {exc}") from exc
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        # Write transactions go through this view of the engine (same pool); see _write.
+        self._writer: Engine = self.engine.execution_options(vims_write=True)
         self.migrate()
 
     def migrate(self) -> None:
@@ -80,7 +101,7 @@ class Store:
         cfg = Config()
         cfg.set_main_option("script_location", str(resources.files("vims.rems") / "migrations"))
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:  # instances starting together migrate one at a time
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except Exception as exc:  # driver errors vary by engine
@@ -89,11 +110,27 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction that first takes the database-wide REM-S write lock.
+
+        Several instances share one audit chain, so appends must not interleave:
+        PostgreSQL gets a transaction-level advisory lock (released by commit or
+        rollback, also when a duplicate report aborts the transaction); SQLite
+        opens with BEGIN IMMEDIATE (``_sqlite_begin``), which also spares WAL
+        readers that later write the unretryable SQLITE_BUSY_SNAPSHOT.
+        """
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": WRITE_LOCK_KEY})
+            yield conn
+
     # ------------------------------------------------------------- policies
     def put_policy(self, name: str, body: dict[str, Any]) -> tuple[bool, int]:
         """Store a policy; returns (changed, version). Same content: no new version."""
         digest = hashlib.sha256(canonical(body)).hexdigest()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(select(s.policies).where(s.policies.c.name == name)
                                .with_for_update()).first()
             if row is not None and row.digest == digest:
@@ -115,7 +152,7 @@ class Store:
 
     def assign(self, cvm: str, policy: str) -> bool:
         """Assign a policy to a C-VM; returns whether anything changed."""
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             if conn.execute(select(s.policies.c.name).where(s.policies.c.name == policy)).first() \
                     is None:
                 raise StoreError(f"no policy named {policy!r}")
@@ -138,7 +175,7 @@ class Store:
 
     # ---------------------------------------------------------------- A-VMs
     def enroll(self, avm_id: str, ak_pem: str, ek_cert_pem: str | None) -> None:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(s.avms.delete().where(s.avms.c.avm_id == avm_id))
             conn.execute(insert(s.avms).values(avm_id=avm_id, ak_pem=ak_pem,
                                                ek_cert_pem=ek_cert_pem, enrolled_at=time.time()))
@@ -156,16 +193,17 @@ class Store:
         """Store a report and audit it; returns its digest. A replayed seq is refused."""
         raw = canonical(body)
         digest = hashlib.sha256(raw).hexdigest()
-        try:
-            with self.engine.begin() as conn:
+        with self._write() as conn:
+            try:
                 conn.execute(insert(s.reports).values(
                     cvm=cvm, avm_id=avm_id, seq=seq, digest=digest, prev_hash=prev_hash,
                     received_at=time.time(), result=str(body.get("result", "error"))[:16],
                     body=raw.decode()))
-                self._audit(conn, "report", cvm, {"seq": seq, "digest": digest,
-                                                  "avm": avm_id})
-        except IntegrityError as exc:
-            raise DuplicateReport(f"report {cvm}#{seq} is already stored") from exc
+            except IntegrityError as exc:
+                # Leaving the block rolls back: on PostgreSQL the failed INSERT has
+                # aborted the transaction, and nothing of it may be committed.
+                raise DuplicateReport(f"report {cvm}#{seq} is already stored") from exc
+            self._audit(conn, "report", cvm, {"seq": seq, "digest": digest, "avm": avm_id})
         return digest
 
     def last_seq(self, cvm: str) -> int:
@@ -187,10 +225,12 @@ class Store:
                     issued_at: float, expires_at: float, report_seq: int | None) -> None:
         values = {"status": status, "vector": canonical(vector).decode(), "ear": ear,
                   "issued_at": issued_at, "expires_at": expires_at, "report_seq": report_seq}
-        with self.engine.begin() as conn:
-            if conn.execute(update(s.verdicts).where(s.verdicts.c.cvm == cvm)
-                            .values(**values)).rowcount == 0:
-                conn.execute(insert(s.verdicts).values(cvm=cvm, **values))
+        with self._write() as conn:
+            # One native upsert (ON CONFLICT) on both engines: no update-then-insert race.
+            ins = (pg_insert(s.verdicts) if conn.dialect.name == "postgresql"
+                   else sqlite_insert(s.verdicts)).values(cvm=cvm, **values)
+            conn.execute(ins.on_conflict_do_update(index_elements=[s.verdicts.c.cvm],
+                                                   set_=values))
             self._audit(conn, "verdict", cvm, {"status": status, "vector": vector,
                                                "expires_at": expires_at, "seq": report_seq})
 
@@ -241,3 +281,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+    # Let SQLAlchemy emit BEGIN itself (_sqlite_begin) instead of pysqlite's implicit one.
+    dbapi_conn.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    """Writers take SQLite's write lock up front (waiting up to the busy timeout).
+
+    A deferred transaction that reads and then writes fails at once with
+    SQLITE_BUSY_SNAPSHOT when another connection committed in between; BEGIN
+    IMMEDIATE makes concurrent writers queue instead.
+    """
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("vims_write")
+                         else "BEGIN")
