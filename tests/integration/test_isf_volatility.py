@@ -64,6 +64,12 @@ def guest(mgr: LabManager, lab: Lab, cmd: str) -> str:
 
 def test_pslist_matches_the_guests_ps(lab_manager: LabManager, lab: Lab,
                                       volatility: list[str]) -> None:
+    def kernel_threads() -> set[int]:
+        rows = [line.split(None, 2) for line in guest(lab_manager, lab, "ps").splitlines()[1:]]
+        return {int(pid) for pid, _, command in rows
+                if command.startswith("[") and "kworker" not in command}
+
+    before = kernel_threads()
     rows = run(volatility, "linux.pslist")  # OFFSET PID TID PPID COMM ...
     by_pid = {int(r[1]): r[4] for r in rows}
     ps = [line.split(None, 2) for line in guest(lab_manager, lab, "ps").splitlines()[1:]]
@@ -73,10 +79,9 @@ def test_pslist_matches_the_guests_ps(lab_manager: LabManager, lab: Lab,
         name = command.strip("[]").split()[0].split("/")[-1].strip("{}")
         if name in ("syslogd", "klogd", "httpd", "crond", "vims-heartbeat", "kthreadd", "init"):
             assert by_pid.get(int(pid), "").startswith(name[:15]), (pid, command)
-    # Kernel threads other than kworkers live as long as the guest.
-    kernel_threads = {int(pid) for pid, _, command in ps
-                      if command.startswith("[") and "kworker" not in command}
-    assert kernel_threads <= set(by_pid)
+    # Kernel threads that lived through the whole volatility run must be in its list
+    # (the live guest may start or end others meanwhile).
+    assert before & kernel_threads() <= set(by_pid)
 
 
 def test_lsmod_matches_proc_modules(lab_manager: LabManager, lab: Lab,
