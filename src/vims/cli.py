@@ -11,6 +11,7 @@ import sys
 import click
 
 from vims import __version__
+from vims.avm.cli import avm
 from vims.checks.cli import baseline, check
 from vims.demo import demo
 from vims.errors import VimsError
@@ -33,6 +34,7 @@ cli.add_command(baseline)
 cli.add_command(profile)
 cli.add_command(tpm)
 cli.add_command(rems)
+cli.add_command(avm)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ def clean_baseline(lab: Lab, mem: GuestMemory) -> dict[str, Any]:
 @click.command()
 @click.option("--name", default="demo", show_default=True, help="Lab name to use.")
 @click.option("--keep", is_flag=True, help="Leave the lab running afterwards.")
-def demo(name: str, keep: bool) -> None:
+@click.option("--gate/--no-gate", default=True, show_default=True,
+              help="Also run REM-S, A-VM agent and nginx gate end to end.")
+def demo(name: str, keep: bool, gate: bool) -> None:
     """Boot the lab C-VM, attest it from outside, attack it, attest again."""
     out = Console(highlight=False)
     mgr = LabManager()
@@ -112,6 +115,9 @@ def demo(name: str, keep: bool) -> None:
         verdict = "clean C-VM passes, attacked C-VM fails" if (
             attacked["result"] == "fail" and report["result"] == "pass") else "UNEXPECTED"
         out.print(f"[bold]{verdict}[/bold]")
+        if gate:
+            out.rule("[bold]4. attestation: REM-S + A-VM (vTPM) + nginx gate")
+            attest_and_gate(out, mgr, lab, profile)
     finally:
         if not keep:
             mgr.down(lab.name)
@@ -148,3 +154,75 @@ def show_processes(out: Console, report: dict[str, Any]) -> None:
         if p["exe"]:
             table.add_row(str(p["pid"]), str(p["ppid"]), p["comm"], p["exe"], str(p["uid"]))
     out.print(table)
+
+
+def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -> None:
+    """REM-S and A-VM as processes, the agent's own swtpm, the C-VM behind a real nginx."""
+    import shutil
+    import tempfile
+
+    from vims.checks import ALL_CHECKS
+    from vims.gate.nginx import GateRoute, NginxGate
+    from vims.lab.deploy import deploy, free_port
+
+    work = Path(tempfile.mkdtemp(prefix="vims-demo-"))
+    content = work / "intranet"
+    content.mkdir()
+    (content / "index.html").write_text("intranet: quarterly payroll\n")
+    for p in (work, content):
+        p.chmod(0o755)
+    (content / "index.html").chmod(0o644)
+    profile_path = cache_dir() / "profiles" / f"{Path(lab.kernel).parent.name}.json"
+    policy_path = Path(str(resources.files("vims.lab") / "policy.json"))
+    dep = deploy(work / "vims", ram=Path(lab.ram_path), profile=profile_path,
+                 baseline=cache_dir() / "demo-baseline.json", local_policy=policy_path)
+    nginx = NginxGate(work / "gate")
+    port = free_port()
+    try:
+        dep.start_rems()
+        policy = {"checks": [{"id": c, "interval_s": 2} for c in ALL_CHECKS],
+                  "stale_after_intervals": 3, "quote_every": 3}
+        dep.put("/v1/policies/lab", json.dumps(policy).encode())
+        dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}')
+        nginx.configure([GateRoute(dep.cvm, f"127.0.0.1:{port}")], dep.http_url, content)
+        nginx.start(wait_url=f"http://127.0.0.1:{port}/")
+        dep.start_avm()
+        out.print(f"REM-S {dep.http_url} (status page /), A-VM enrolled (EK chain, "
+                  f"MakeCredential), gate 127.0.0.1:{port} -> 10.0.2.2:{port} in the C-VM")
+
+        def fetch() -> bool:
+            r = mgr.exec(lab.name, f"vims-fetch 10.0.2.2 {port} /", timeout=15)
+            return r.exit_code == 0
+
+        def until(want: bool, limit: float) -> float:
+            start = time.monotonic()
+            while time.monotonic() - start < limit:
+                if fetch() == want:
+                    return time.monotonic() - start
+                time.sleep(0.3)
+            return -1.0
+
+        took = until(True, 60)
+        out.print(f"C-VM fetches the intranet page: [green]allowed[/green] "
+                  f"(after {took:.1f} s: attestation + first report)")
+        with GuestMemory(profile, path=Path(lab.ram_path)) as mem:
+            slot = mem.sym("sys_call_table") + 246 * 8  # kexec_load: never called here
+            original = mem.read(slot, 8)
+            with mgr.paused(lab.name):
+                mem.write(slot, mem.read(mem.sym("sys_call_table") + 39 * 8, 8))
+            took = until(False, 10)
+            out.print(f"rootkit hooks kexec_load: [red]denied[/red] after {took:.1f} s "
+                      f"(decision {dep.decision()})")
+            with mgr.paused(lab.name):
+                mem.write(slot, original)
+        took = until(True, 15)
+        out.print(f"hook removed: [green]allowed[/green] again after {took:.1f} s")
+        with urllib.request.urlopen(f"{dep.http_url}/v1/cvms", timeout=5) as r:
+            for row in json.loads(r.read()):
+                vector = ", ".join(f"{k}={v}" for k, v in row["vector"].items() if v)
+                out.print(f"verdict {row['cvm']}: {row['status']} ({vector}); "
+                          f"gate {'allows' if row['allowed'] else 'denies'}")
+    finally:
+        nginx.stop()
+        dep.close()
+        shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -103,6 +104,25 @@ def test_pause_stops_the_guest_and_resume_continues(lab_manager: LabManager, lab
     # The guest's clock stood still for the ~3 s it was paused.
     assert up1 - up0 < 3.0
     assert lab_manager.get(lab.name).state == "running"
+
+
+def test_a_pause_whose_owner_died_is_undone(lab_manager: LabManager, lab: Lab) -> None:
+    """An A-VM killed inside its consistent read must not leave the C-VM frozen."""
+    code = ("import sys, time; from vims.lab import LabManager\n"
+            f"with LabManager().paused({lab.name!r}):\n"
+            "    print('paused', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "paused"
+        assert lab_manager.get(lab.name).state == "paused"  # its owner is alive: respected
+    finally:
+        holder.kill()
+        holder.wait()
+    status = vims("lab", "status", lab.name, "--format", "json")
+    assert '"state": "running"' in status.stdout
+    assert "resumed" in status.stderr
+    assert guest(lab_manager, lab, "echo alive") == "alive\n"
 
 
 def test_snapshot_is_the_guests_physical_memory(lab: Lab, tmp_path: Path) -> None:

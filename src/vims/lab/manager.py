@@ -38,6 +38,7 @@ MIN_MEMORY = 256 << 20
 # Below the PC machine's 3.5 GiB PCI hole guest-physical address == RAM file offset.
 MAX_MEMORY = 3 << 30
 SHM_MARGIN = 64 << 20
+PAUSE_OWNER = "pause.owner"  # pid of the process inside a paused() block
 
 
 def parse_size(text: str) -> int:
@@ -209,7 +210,21 @@ class LabManager:
             lab.state = "paused" if status.get("status") == "paused" else str(status.get("status"))
         except LabError:
             lab.state = "unresponsive"
+        if lab.state == "paused" and self._orphaned_pause(lab):
+            # An A-VM died inside its consistent read: do not leave the C-VM frozen.
+            qmp_command(Path(lab.qmp_socket), "cont")
+            (lab.dir / PAUSE_OWNER).unlink(missing_ok=True)
+            ui.note(f"lab '{name}': resumed; the process that paused it (an A-VM) is gone")
+            lab.state = "running"
         return lab
+
+    @staticmethod
+    def _orphaned_pause(lab: Lab) -> bool:
+        try:
+            owner = int((lab.dir / PAUSE_OWNER).read_text())
+        except (OSError, ValueError):
+            return False  # paused by an operator (vims lab pause): leave it
+        return not Path(f"/proc/{owner}").exists()
 
     def list(self) -> list[Lab]:
         self.reap()
@@ -361,8 +376,15 @@ class LabManager:
         raise LabError(f"guest not ready after {timeout:.0f} s (see {serial_log})")
 
     # ----------------------------------------------------------- operations
-    def exec(self, name: str, command: str, timeout: float = 30.0) -> GuestResult:
+    def exec(self, name: str, command: str, timeout: float = 30.0,
+             pause_grace: float = 2.0) -> GuestResult:
+        """Run a command in the guest. A short pause (an A-VM's consistent read) is
+        waited out; a guest paused for longer than ``pause_grace`` is an error."""
         lab = self.get(name)
+        deadline = time.monotonic() + min(pause_grace, timeout)
+        while lab.state == "paused" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            lab = self.get(name)
         if lab.state == "paused":
             raise LabError(f"lab '{name}' is paused (vims lab resume {name})")
         return run_in_guest(Path(lab.serial_socket), lab.dir / "console.lock", command, timeout)
@@ -384,13 +406,16 @@ class LabManager:
         """Keep the guest stopped inside the block; leave it as it was found."""
         lab = self.get(name)
         was_paused = lab.state == "paused"
+        owner = lab.dir / PAUSE_OWNER
         if not was_paused:
+            owner.write_text(str(os.getpid()))  # so a crash mid-read can be undone
             qmp_command(Path(lab.qmp_socket), "stop")
         try:
             yield lab
         finally:
             if not was_paused:
                 qmp_command(Path(lab.qmp_socket), "cont")
+                owner.unlink(missing_ok=True)
 
     def snapshot(self, name: str, out: Path) -> int:
         """Copy the guest's physical memory, taken while paused, to ``out``; returns its size."""

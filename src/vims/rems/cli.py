@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,42 @@ from vims.rems.store import Store
 @click.group()
 def rems() -> None:
     """The REM-S: verifier, verdicts (EAR), decision API, audit log."""
+
+
+@rems.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("-v", "--verbose", is_flag=True)
+def serve(config_path: Path, verbose: bool) -> None:
+    """Run the REM-S: control channel (mTLS) and HTTP API."""
+    import asyncio
+    import logging
+
+    from vims.rems.server import RemsServer
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = RemsServer(config_mod.load(config_path))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(server.run())
+
+
+@rems.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--avm-id", required=True)
+@click.option("--tcti", required=True, help="The A-VM's TPM, e.g. swtpm:host=127.0.0.1,port=P")
+def enroll(config_path: Path, avm_id: str, tcti: str) -> None:
+    """Enroll an A-VM's vTPM: EK chain, MakeCredential/ActivateCredential, store the AK."""
+    from vims.rems.enroll import enroll as do_enroll
+    from vims.tpm.attester import Attester
+
+    cfg = config_mod.load(config_path)
+    attester = Attester(tcti)
+    try:
+        attester.create_ak()
+        do_enroll(Store(cfg.database), avm_id, attester, cfg.ek_ca_certs)
+    finally:
+        attester.close()
+    click.echo(f"A-VM {avm_id} enrolled")
 
 
 @rems.group()

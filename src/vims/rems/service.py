@@ -54,9 +54,9 @@ class RemsService:
         return float(max(intervals) * k) if intervals else self.verdict_ttl
 
     def ingest_report(self, avm_id: str, cvm: str, seq: int, prev_hash: str,
-                      report: dict[str, Any]) -> Appraisal:
+                      report: dict[str, Any], digest: str | None = None) -> Appraisal:
         """Store a verified report, appraise it and publish the new verdict."""
-        self.store.add_report(cvm, avm_id, seq, prev_hash, report)
+        self.store.add_report(cvm, avm_id, seq, prev_hash, report, digest)
         policy, body = self.verdict_policy(cvm)
         appraisal = appraise(report, policy)
         now = self.clock()

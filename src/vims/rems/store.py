@@ -189,10 +189,14 @@ class Store:
 
     # -------------------------------------------------------------- reports
     def add_report(self, cvm: str, avm_id: str, seq: int, prev_hash: str,
-                   body: dict[str, Any]) -> str:
-        """Store a report and audit it; returns its digest. A replayed seq is refused."""
+                   body: dict[str, Any], digest: str | None = None) -> str:
+        """Store a report and audit it; returns its digest. A replayed seq is refused.
+
+        ``digest`` is the control channel's chain digest when the report came
+        over it (so a restarted REM-S resumes the chain); else SHA-256 of the body.
+        """
         raw = canonical(body)
-        digest = hashlib.sha256(raw).hexdigest()
+        digest = digest or hashlib.sha256(raw).hexdigest()
         with self._write() as conn:
             try:
                 conn.execute(insert(s.reports).values(

@@ -1,0 +1,189 @@
+"""VIMS on one machine: REM-S, an A-VM agent with its own swtpm, and the lab C-VM.
+
+Creates everything a real deployment has — the REM-S CA and certificates, a
+manufactured vTPM with EK certificates from a local CA, a simulated DRTM launch
+measurement in PCR 17 (what tboot does on TXT hardware), configuration files,
+the enrollment of the A-VM's AK — under one directory, and runs the REM-S and
+agent as the CLI would (separate processes).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vims.errors import VimsError
+from vims.protocol.pki import CertificateAuthority
+from vims.rems.config import load as load_rems_config
+from vims.rems.enroll import enroll
+from vims.rems.store import Store
+from vims.tpm.attester import Attester
+from vims.tpm.swtpm import LocalCa, Swtpm
+
+LAUNCH_DATA = b"vims lab measured launch: tboot + xen + dom0 (simulated DRTM)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class LabDeployment:
+    root: Path
+    avm_id: str
+    cvm: str
+    http_url: str
+    admin_token: str
+    swtpm: Swtpm
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def rems_config(self) -> Path:
+        return self.root / "rems.toml"
+
+    @property
+    def avm_config(self) -> Path:
+        return self.root / "avm.toml"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "vims.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def start_rems(self, timeout: float = 30.0) -> None:
+        self._spawn("rems", ["rems", "serve", "--config", str(self.rems_config), "-v"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs["rems"].poll() is not None:
+                raise VimsError(f"REM-S exited; see {self.root / 'rems.log'}")
+            try:
+                urllib.request.urlopen(self.http_url + "/openapi.json", timeout=1).close()
+                return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        raise VimsError(f"REM-S not answering on {self.http_url}")
+
+    def start_avm(self) -> None:
+        self._spawn("avm", ["avm", "run", "--config", str(self.avm_config), "-v"])
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def put(self, path: str, body: bytes) -> int:
+        req = urllib.request.Request(self.http_url + path, data=body, method="PUT", headers={
+            "Authorization": f"Bearer {self.admin_token}",
+            "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                status: int = r.status
+                return status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def decision(self) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v1/decision/{self.cvm}",
+                                        timeout=5) as r:
+                status: int = r.status
+                return status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self.swtpm.stop()
+
+
+def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
+           local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1") -> LabDeployment:
+    """Create the REM-S and A-VM configuration under ``root`` and enroll the A-VM."""
+    root.mkdir(parents=True, exist_ok=True)
+    pki = root / "pki"
+    pki.mkdir(exist_ok=True)
+    ca = CertificateAuthority.create()
+    (pki / "ca.pem").write_bytes(ca.cert_pem)
+    ca.issued.write(pki / "ca.pem", pki / "ca.key")
+    ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
+    ca.issue_client(avm_id).write(pki / "avm.pem", pki / "avm.key")
+    token = secrets.token_hex(24)
+    (root / "admin.token").write_text(token + "\n")
+    (root / "admin.token").chmod(0o600)
+
+    tpm_ca = LocalCa(root / "tpm-ca")
+    swtpm = Swtpm(root / "swtpm", tpm_ca)
+    swtpm.manufacture()
+    swtpm.start()
+    try:
+        pcr17 = swtpm.drtm_measure(LAUNCH_DATA)
+        channel, http = free_port(), free_port()
+        (root / "rems.toml").write_text(f"""[rems]
+database = "sqlite:///{root / 'rems.db'}"
+http_listen = "127.0.0.1:{http}"
+channel_listen = "127.0.0.1:{channel}"
+admin_token_file = "{root / 'admin.token'}"
+signing_key = "{root / 'ear-key.pem'}"
+verdict_ttl_s = 10
+ek_ca_certs = [{", ".join(f'"{p}"' for p in tpm_ca.ca_cert_paths)}]
+golden_pcrs = {{ "17" = "{pcr17.hex()}" }}
+
+[rems.tls]
+ca_cert = "{pki / 'ca.pem'}"
+ca_key = "{pki / 'ca.key'}"
+server_cert = "{pki / 'rems.pem'}"
+server_key = "{pki / 'rems.key'}"
+""")
+        optional = "".join(f'{k} = "{v}"\n' for k, v in (("baseline", baseline),
+                                                          ("policy", local_policy)) if v)
+        (root / "avm.toml").write_text(f"""[avm]
+avm_id = "{avm_id}"
+rems = "127.0.0.1:{channel}"
+rems_name = "rems"
+cert = "{pki / 'avm.pem'}"
+key = "{pki / 'avm.key'}"
+ca = "{pki / 'ca.pem'}"
+tpm_tcti = "{swtpm.tcti}"
+
+[[avm.cvms]]
+name = "{cvm}"
+memory = "{ram}"
+profile = "{profile}"
+{optional}""")
+        cfg = load_rems_config(root / "rems.toml")
+        attester = Attester(swtpm.tcti)
+        try:
+            attester.create_ak()
+            enroll(Store(cfg.database), avm_id, attester, cfg.ek_ca_certs)
+        finally:
+            attester.close()
+    except BaseException:
+        swtpm.stop()
+        raise
+    return LabDeployment(root=root, avm_id=avm_id, cvm=cvm, http_url=f"http://127.0.0.1:{http}",
+                         admin_token=token, swtpm=swtpm)
+
+
+def cleanup(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""End to end on one machine: REM-S + A-VM (own swtpm) + lab C-VM + nginx gate.
+
+The C-VM itself fetches the intranet page through the gate (busybox wget to the
+host via QEMU's user network). It gets through while clean; a kernel rootkit
+hook makes the gate refuse it within the check interval + 1 s; a dead A-VM
+makes it refuse after the staleness limit; a restarted A-VM brings it back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vims.checks import ALL_CHECKS
+from vims.gate.nginx import GateRoute, NginxGate
+from vims.lab import Lab, LabManager
+from vims.lab.deploy import LabDeployment, deploy, free_port
+from vims.vmi.memory import GuestMemory
+from vims.vmi.profile import Profile
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+INTERVAL = 2.0
+STALE_AFTER = 3  # intervals
+KEXEC_LOAD = 246  # a system call the lab never makes: safe to hook while it runs
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> float:
+    """Seconds until ``cond()`` holds; fails after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if cond():
+            return time.monotonic() - start
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def deployment(lab: Lab, profile_path: Path, baseline_path: Path,
+               lab_policy: Path) -> Iterator[LabDeployment]:
+    root = Path(tempfile.mkdtemp(prefix="vims-e2e-"))
+    dep = deploy(root / "vims", ram=Path(lab.ram_path), profile=profile_path,
+                 baseline=baseline_path, local_policy=lab_policy)
+    try:
+        yield dep
+    finally:
+        dep.close()
+        for name in ("rems", "avm"):
+            log = root / "vims" / f"{name}.log"
+            if log.exists():
+                sys.stderr.write(f"--- {name}.log (tail)\n{log.read_text()[-3000:]}\n")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def gate(deployment: LabDeployment) -> Iterator[int]:
+    content = Path(tempfile.mkdtemp(prefix="vims-intranet-"))
+    content.chmod(0o755)
+    (content / "index.html").write_text("intranet: payroll\n")
+    (content / "index.html").chmod(0o644)
+    port = free_port()
+    nginx = NginxGate(deployment.root / "gate")
+    nginx.configure([GateRoute(deployment.cvm, f"127.0.0.1:{port}")], deployment.http_url,
+                    content)
+    nginx.start(wait_url=f"http://127.0.0.1:{port}/")
+    yield port
+    nginx.stop()
+    shutil.rmtree(content, ignore_errors=True)
+
+
+def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, profile_path: Path,
+                                         deployment: LabDeployment, gate: int) -> None:
+    dep = deployment
+    dep.start_rems()
+    policy = {"checks": [{"id": c, "interval_s": INTERVAL} for c in ALL_CHECKS],
+              "stale_after_intervals": STALE_AFTER, "quote_every": 3, "heartbeat_s": 2}
+    assert dep.put("/v1/policies/lab", json.dumps(policy).encode()) == 200
+    assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}') == 200
+    dep.start_avm()
+
+    def through_gate() -> bool:
+        """The C-VM's own request to the protected page."""
+        r = lab_manager.exec(lab.name, f"vims-fetch 10.0.2.2 {gate} /",
+                             timeout=15)
+        return r.exit_code == 0 and "payroll" in r.stdout
+
+    wait_for(through_gate, 60, step=0.5)  # attested, clean: allowed
+
+    # A rootkit hooks a system call in the running C-VM.
+    with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path)) as mem:
+        slot = mem.sym("sys_call_table") + KEXEC_LOAD * 8
+        original = mem.read(slot, 8)
+        with lab_manager.paused(lab.name):
+            mem.write(slot, mem.read(mem.sym("sys_call_table") + 39 * 8, 8))
+        try:
+            denied_after = wait_for(lambda: not through_gate(), INTERVAL + 1 + 3, step=0.2)
+            assert denied_after <= INTERVAL + 1 + 1.5  # + the wget round trip itself
+            assert dep.decision() == 403
+        finally:
+            with lab_manager.paused(lab.name):
+                mem.write(slot, original)
+    wait_for(through_gate, 15, step=0.5)  # clean again: allowed again
+
+    # The A-VM dies: no fresh reports, the verdict lapses, the gate fails closed.
+    dep.stop("avm", signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: dep.decision() == 403, INTERVAL * STALE_AFTER + 3, step=0.2)
+    assert time.monotonic() - killed >= INTERVAL  # not before the staleness limit runs out
+    assert not through_gate()
+
+    dep.start_avm()  # restart: re-attests, resumes the report chain
+    wait_for(through_gate, 60, step=0.5)
+
+    reports = json.loads(subprocess.run(
+        ["curl", "-s", f"{dep.http_url}/v1/cvms/{dep.cvm}/reports?limit=500"],
+        capture_output=True, text=True, check=True).stdout)
+    seqs = sorted(r["seq"] for r in reports)
+    assert seqs == list(range(1, len(seqs) + 1))  # nothing lost, duplicated or reordered
+    assert any(r["result"] == "fail" for r in reports)
+    audit = subprocess.run([sys.executable, "-m", "vims.cli", "rems", "audit", "verify",
+                            "--config", str(dep.rems_config)], capture_output=True, text=True,
+                           check=False)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
