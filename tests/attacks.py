@@ -1,7 +1,7 @@
 """A host-side rootkit for tests: edits guest memory the way kernel malware would.
 
-Every attack is a context manager that applies the change while the guest is
-paused and undoes it on exit, so one booted guest serves the whole session.
+Every attack is a context manager that applies the change and undoes it on
+exit (callers hold the guest paused), so one booted guest serves the session.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vims.lab import LabManager
-from vims.vmi.linux import Linux
 from vims.vmi.memory import GuestMemory
 
 
@@ -24,20 +22,6 @@ def patched(mem: GuestMemory, vaddr: int, data: bytes) -> Iterator[bytes]:
         yield original
     finally:
         mem.write(vaddr, original)
-
-
-@contextmanager
-def paused(mgr: LabManager, name: str) -> Iterator[None]:
-    with mgr.paused(name):
-        yield
-
-
-def find_task(mem: GuestMemory, comm: str, arg: str | None = None) -> int:
-    """Address of the first task whose comm is ``comm``."""
-    for t in Linux(mem).tasks():
-        if t.comm == comm:
-            return t.address
-    raise LookupError(f"no task {comm}")
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,9 +120,9 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
     dep.start_avm()  # restart: re-attests, resumes the report chain
     wait_for(through_gate, 60, step=0.5)
 
-    reports = json.loads(subprocess.run(
-        ["curl", "-s", f"{dep.http_url}/v1/cvms/{dep.cvm}/reports?limit=500"],
-        capture_output=True, text=True, check=True).stdout)
+    with urllib.request.urlopen(f"{dep.http_url}/v1/cvms/{dep.cvm}/reports?limit=500",
+                                timeout=10) as resp:
+        reports = json.loads(resp.read())
     seqs = sorted(r["seq"] for r in reports)
     assert seqs == list(range(1, len(seqs) + 1))  # nothing lost, duplicated or reordered
     assert any(r["result"] == "fail" for r in reports)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any, ClassVar
 
@@ -250,7 +249,3 @@ class KernelTextCheck(Check):
                 address=f"0x{addr:x}", symbol=symbolize(ctx, addr), page=f"0x{addr & ~0xFFF:x}",
                 expected=diff.expected.hex(), found=diff.found.hex()))
         return out
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -149,11 +149,11 @@ class RemsServer:
 
     # ------------------------------------------------------------ channel
     def make_connection(self, peer_avm_id: str | None, now: float) -> RemsConnection:
-        holder: dict[str, str] = {"avm": peer_avm_id or ""}
+        avm = peer_avm_id or ""  # transport.serve guarantees the certificate's identity
         return RemsConnection(
             verify_evidence=self.verify_evidence,
             policy_for=self.policy_for,
-            verify_report_quote=lambda n, d, q: self.verify_report_quote(n, d, q, holder["avm"]),
+            verify_report_quote=lambda n, d, q: self.verify_report_quote(n, d, q, avm),
             ledger=self.ledger, now=now, peer_avm_id=peer_avm_id)
 
     def on_event(self, session: Session, event: Event) -> None:
