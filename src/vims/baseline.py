@@ -19,6 +19,9 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from vims.errors import VimsError
+from vims.vmi.linux import Linux, idt_handlers
+from vims.vmi.memory import GuestMemory
+from vims.vmi.profile import Profile
 
 BASELINE_FORMAT = "vims-baseline/1"
 PAGE = 4096
@@ -138,6 +141,25 @@ def load_image_files(initramfs: Path | None, rootfs: Path | None) -> dict[str, A
             raise BaselineError(f"rootfs {rootfs} is not a directory")
         return executables(rootfs_files(rootfs))
     return {}
+
+
+def new_baseline(profile: Profile) -> dict[str, Any]:
+    """An empty baseline bound to the profile's kernel."""
+    return {"format": BASELINE_FORMAT,
+            "kernel": {"release": profile.release, "build_id": profile.build_id}}
+
+
+def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
+    """What a clean, running guest contributes: IDT handlers and kernel text with the
+    KASLR slide removed, and module sizes. The caller keeps the guest paused."""
+    from vims.vmi.ktext import encode_text, normalized_text  # zstandard only when needed
+
+    slide = mem.kaslr_offset
+    return {
+        "idt": [a - slide if a else 0 for a in idt_handlers(mem)],
+        "modules": {m.name: {"size": m.size} for m in Linux(mem).modules()},
+        "kernel_text": encode_text(normalized_text(mem)),
+    }
 
 
 def save(baseline: dict[str, Any], out: Path) -> None:

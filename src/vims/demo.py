@@ -22,15 +22,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from vims.baseline import BASELINE_FORMAT, load_image_files
+from vims.baseline import clean_guest_state, load_image_files, new_baseline
 from vims.baseline import save as save_baseline
-from vims.checks.base import Context
 from vims.checks.cli import render_table
-from vims.checks.kernel import read_idt
 from vims.checks.runner import run_round
 from vims.lab import Lab, LabManager, LabSpec
 from vims.paths import cache_dir
-from vims.vmi.ktext import encode_text, normalized_text
 from vims.vmi.linux import Linux
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile, build_profile
@@ -54,16 +51,10 @@ def lab_profile(lab: Lab, out: Console) -> Profile:
 
 
 def clean_baseline(lab: Lab, mem: GuestMemory) -> dict[str, Any]:
+    data = new_baseline(mem.profile)
+    data["executables"] = load_image_files(Path(lab.initrd), None)
     with mem.paused():
-        slide = mem.kaslr_offset
-        data: dict[str, Any] = {
-            "format": BASELINE_FORMAT,
-            "kernel": {"release": mem.profile.release, "build_id": mem.profile.build_id},
-            "executables": load_image_files(Path(lab.initrd), None),
-            "idt": [a - slide if a else 0 for a in read_idt(Context(mem))],
-            "modules": {m.name: {"size": m.size} for m in Linux(mem).modules()},
-            "kernel_text": encode_text(normalized_text(mem)),
-        }
+        data.update(clean_guest_state(mem))
     save_baseline(data, cache_dir() / "demo-baseline.json")  # for `vims check` by hand
     return data
 

@@ -130,35 +130,21 @@ def build(profile_path: Path, initramfs: Path | None, rootfs: Path | None,
           memory: Path | None, out: Path) -> None:
     """Build a baseline from a golden image and/or a clean guest's memory."""
     from vims import ui
-    from vims.baseline import BASELINE_FORMAT, load_image_files, save
-    from vims.checks.kernel import read_idt
-    from vims.vmi.ktext import encode_text, normalized_text
-    from vims.vmi.linux import Linux
+    from vims.baseline import clean_guest_state, load_image_files, new_baseline, save
 
     if initramfs is not None and rootfs is not None:
         raise VimsError("give --initramfs or --rootfs, not both")
     if initramfs is None and rootfs is None and memory is None:
         raise VimsError("nothing to baseline: give --initramfs/--rootfs and/or --memory")
     profile = Profile.load(profile_path)
-    data: dict[str, Any] = {
-        "format": BASELINE_FORMAT,
-        "kernel": {"release": profile.release, "build_id": profile.build_id},
-    }
+    data = new_baseline(profile)
     with ui.step("hashing executables' text"):
         data["executables"] = load_image_files(initramfs, rootfs)
     if memory is not None:
         with ui.step("reading the clean guest's kernel state"), \
                 open_memory(profile, memory, None) as mem, mem.paused():
-            slide = mem.kaslr_offset
-            data["idt"] = [a - slide if a else 0 for a in read_idt_ctx(mem, read_idt)]
-            data["modules"] = {m.name: {"size": m.size} for m in Linux(mem).modules()}
-            data["kernel_text"] = encode_text(normalized_text(mem))
+            data.update(clean_guest_state(mem))
     save(data, out)
     click.echo(f"{out}: {len(data['executables'])} executables"
                + (f", {len(data['modules'])} modules, IDT, kernel text" if memory else ""))
 
-
-def read_idt_ctx(mem: GuestMemory, reader: Callable[[Any], list[int]]) -> list[int]:
-    from vims.checks.base import Context
-
-    return reader(Context(mem))

@@ -6,26 +6,21 @@ import struct
 from typing import Any, ClassVar
 
 from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
-from vims.vmi.linux import MAX_MODULES, WalkError, is_kernel_pointer, list_for_each
+from vims.vmi.linux import (
+    MAX_MODULES,
+    WalkError,
+    idt_handlers,
+    is_kernel_pointer,
+    list_for_each,
+)
 from vims.vmi.memory import GuestMemory, MemoryReadError
 
-IDT_ENTRIES = 256
 PAGE = 4096
 
 
 def symbolize(ctx: Context, addr: int) -> str:
     """``name+0xoff`` for a runtime address, from the profile's symbols."""
     return ctx.profile.symbolize(addr - ctx.mem.kaslr_offset) if addr else "NULL"
-
-
-def read_idt(ctx: Context) -> list[int]:
-    """Handler addresses of the 256 IDT gates (runtime addresses)."""
-    raw = ctx.mem.read(ctx.mem.sym("idt_table"), IDT_ENTRIES * 16)
-    out = []
-    for i in range(IDT_ENTRIES):
-        low, _seg, _bits, mid, high, _res = struct.unpack_from("<HHHHII", raw, i * 16)
-        out.append(low | mid << 16 | high << 32)
-    return out
 
 
 class SyscallTableCheck(Check):
@@ -63,7 +58,7 @@ class IdtCheck(Check):
         baseline: list[int] = ctx.need_baseline("idt")
         slide = ctx.mem.kaslr_offset
         out = []
-        for vec, (want, got) in enumerate(zip(baseline, read_idt(ctx), strict=True)):
+        for vec, (want, got) in enumerate(zip(baseline, idt_handlers(ctx.mem), strict=True)):
             want_rt = want + slide if want else 0
             if got != want_rt:
                 out.append(self.finding(

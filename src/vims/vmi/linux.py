@@ -23,6 +23,19 @@ KERNEL_SPACE = 0xFFFF800000000000
 PIDTYPE_PID = 0
 
 
+IDT_ENTRIES = 256
+
+
+def idt_handlers(mem: GuestMemory) -> list[int]:
+    """Handler addresses of the 256 gates of ``idt_table`` (runtime addresses)."""
+    raw = mem.read(mem.sym("idt_table"), IDT_ENTRIES * 16)
+    out = []
+    for i in range(IDT_ENTRIES):
+        low, _seg, _bits, mid, high, _res = struct.unpack_from("<HHHHII", raw, i * 16)
+        out.append(low | mid << 16 | high << 32)
+    return out
+
+
 class WalkError(Exception):
     """A kernel structure is inconsistent or unreadable (corrupt or tampered)."""
 
