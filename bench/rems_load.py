@@ -50,7 +50,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from vims.avm.evidence import VtpmEvidence
+from vims.lab.deploy import write_rems_config
 from vims.protocol.core import AvmConnection
 from vims.protocol.events import ConnectionClosed, Event, HandshakeComplete, ReportAcked
 from vims.protocol.messages import Capabilities, Evidence, Quote
@@ -80,13 +80,6 @@ CHECKS = ["kernel.text", "kernel.syscall_table", "kernel.idt", "kernel.modules",
           "kernel.kprobes"]
 CATEGORY = {"kernel": "executables", "process": "runtime-opaque", "file": "file-system",
             "net": "configuration"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def raise_nofile() -> tuple[int, int]:
@@ -178,26 +171,13 @@ def cvm_name(i: int) -> str:
 
 def write_config(dep: Deployment, run: Path) -> tuple[Path, int, int]:
     run.mkdir(parents=True)
-    channel, http = free_port(), free_port()
     tpm_ca = dep.swtpm.ca
     assert tpm_ca is not None
     cfg = run / "rems.toml"
-    cfg.write_text(f"""[rems]
-database = "sqlite:///{run / 'rems.db'}"
-http_listen = "127.0.0.1:{http}"
-channel_listen = "127.0.0.1:{channel}"
-admin_token_file = "{dep.root / 'admin.token'}"
-signing_key = "{run / 'ear-key.pem'}"
-verdict_ttl_s = 30
-ek_ca_certs = [{", ".join(f'"{p}"' for p in tpm_ca.ca_cert_paths)}]
-golden_pcrs = {{ "17" = "{dep.pcr17}" }}
-
-[rems.tls]
-ca_cert = "{dep.pki / 'ca.pem'}"
-ca_key = "{dep.pki / 'ca.key'}"
-server_cert = "{dep.pki / 'rems.pem'}"
-server_key = "{dep.pki / 'rems.key'}"
-""")
+    channel, http = write_rems_config(cfg, state=run, pki=dep.pki,
+                                      token_file=dep.root / "admin.token",
+                                      ek_ca_certs=tpm_ca.ca_cert_paths, pcr17_hex=dep.pcr17,
+                                      verdict_ttl_s=30)
     return cfg, channel, http
 
 

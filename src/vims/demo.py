@@ -154,7 +154,8 @@ def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -
 
     from vims.checks import ALL_CHECKS
     from vims.gate.nginx import GateRoute, NginxGate
-    from vims.lab.deploy import deploy, free_port
+    from vims.lab.deploy import deploy
+    from vims.net import free_port
 
     work = Path(tempfile.mkdtemp(prefix="vims-demo-"))
     content = work / "intranet"

@@ -24,7 +24,8 @@ import pytest
 from vims.checks import ALL_CHECKS
 from vims.gate.nginx import GateRoute, NginxGate
 from vims.lab import Lab, LabManager
-from vims.lab.deploy import LabDeployment, deploy, free_port
+from vims.lab.deploy import LabDeployment, deploy
+from vims.net import free_port
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -18,18 +17,12 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vims.gate.nginx import GateError, GateRoute, NginxGate, render
+from vims.net import free_port
 from vims.rems.api import create_app
 from vims.rems.service import RemsService
 from vims.rems.store import GENESIS, Store
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

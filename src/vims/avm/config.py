@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from vims.errors import VimsError
+from vims.tomlconfig import StrictModel, load_toml
 
 
 class AvmConfigError(VimsError):
     """The A-VM configuration file is missing or invalid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CvmConfig(_Strict):
+class CvmConfig(StrictModel):
     """One guarded C-VM: where its memory is and what it should look like."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -29,7 +25,7 @@ class CvmConfig(_Strict):
     policy: Path | None = None  # local allowlists (modules, processes, creds)
 
 
-class AvmConfig(_Strict):
+class AvmConfig(StrictModel):
     avm_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     rems: str = Field(pattern=r"^[0-9A-Za-z.\-]+:\d+$")  # control channel host:port
     rems_name: str = "rems"  # the REM-S certificate's hostname
@@ -42,15 +38,4 @@ class AvmConfig(_Strict):
 
 
 def load(path: Path) -> AvmConfig:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise AvmConfigError(f"config {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise AvmConfigError(f"config {path}: {exc}") from exc
-    try:
-        return AvmConfig.model_validate(data.get("avm", data))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise AvmConfigError(f"config {path}: {where}: {first['msg']}") from exc
+    return load_toml(path, AvmConfig, "avm", AvmConfigError)

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vims.errors import VimsError
+from vims.net import free_port
 from vims.protocol.pki import CertificateAuthority
 from vims.rems.config import load as load_rems_config
 from vims.rems.enroll import enroll
@@ -31,13 +31,6 @@ from vims.tpm.attester import Attester
 from vims.tpm.swtpm import LocalCa, Swtpm
 
 LAUNCH_DATA = b"vims lab measured launch: tboot + xen + dom0 (simulated DRTM)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -117,6 +110,34 @@ class LabDeployment:
         self.swtpm.stop()
 
 
+def write_rems_config(path: Path, *, state: Path, pki: Path, token_file: Path,
+                      ek_ca_certs: list[Path], pcr17_hex: str, verdict_ttl_s: float = 10,
+                      ) -> tuple[int, int]:
+    """The REM-S config of a one-machine deployment; returns (channel, HTTP) ports.
+
+    ``state`` holds the database and EAR key, ``pki`` the CA and server certificates
+    as :func:`deploy` writes them.
+    """
+    channel, http = free_port(), free_port()
+    path.write_text(f"""[rems]
+database = "sqlite:///{state / 'rems.db'}"
+http_listen = "127.0.0.1:{http}"
+channel_listen = "127.0.0.1:{channel}"
+admin_token_file = "{token_file}"
+signing_key = "{state / 'ear-key.pem'}"
+verdict_ttl_s = {verdict_ttl_s}
+ek_ca_certs = [{", ".join(f'"{p}"' for p in ek_ca_certs)}]
+golden_pcrs = {{ "17" = "{pcr17_hex}" }}
+
+[rems.tls]
+ca_cert = "{pki / 'ca.pem'}"
+ca_key = "{pki / 'ca.key'}"
+server_cert = "{pki / 'rems.pem'}"
+server_key = "{pki / 'rems.key'}"
+""")
+    return channel, http
+
+
 def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
            local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1") -> LabDeployment:
     """Create the REM-S and A-VM configuration under ``root`` and enroll the A-VM."""
@@ -138,23 +159,9 @@ def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
     swtpm.start()
     try:
         pcr17 = swtpm.drtm_measure(LAUNCH_DATA)
-        channel, http = free_port(), free_port()
-        (root / "rems.toml").write_text(f"""[rems]
-database = "sqlite:///{root / 'rems.db'}"
-http_listen = "127.0.0.1:{http}"
-channel_listen = "127.0.0.1:{channel}"
-admin_token_file = "{root / 'admin.token'}"
-signing_key = "{root / 'ear-key.pem'}"
-verdict_ttl_s = 10
-ek_ca_certs = [{", ".join(f'"{p}"' for p in tpm_ca.ca_cert_paths)}]
-golden_pcrs = {{ "17" = "{pcr17.hex()}" }}
-
-[rems.tls]
-ca_cert = "{pki / 'ca.pem'}"
-ca_key = "{pki / 'ca.key'}"
-server_cert = "{pki / 'rems.pem'}"
-server_key = "{pki / 'rems.key'}"
-""")
+        channel, http = write_rems_config(
+            root / "rems.toml", state=root, pki=pki, token_file=root / "admin.token",
+            ek_ca_certs=tpm_ca.ca_cert_paths, pcr17_hex=pcr17.hex())
         optional = "".join(f'{k} = "{v}"\n' for k, v in (("baseline", baseline),
                                                           ("policy", local_policy)) if v)
         (root / "avm.toml").write_text(f"""[avm]

@@ -30,6 +30,7 @@ from vims.lab.console import GuestResult, run_in_guest
 from vims.lab.initramfs import ensure_initramfs
 from vims.lab.kernel import GuestKernel, ensure_kernel
 from vims.lab.qmp import qmp_command
+from vims.net import free_port
 from vims.paths import run_dir, shm_dir
 
 READY_MARK = "VIMS-LAB-READY"
@@ -117,13 +118,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def choose_accel(wanted: str) -> str:
@@ -274,7 +268,7 @@ class LabManager:
             if not _port_free(port):
                 raise LabError(f"http port {port} on 127.0.0.1 is already in use")
         else:
-            port = _free_port()
+            port = free_port()
         if not self.ram_dir.is_dir():
             raise LabError(f"RAM directory {self.ram_dir} does not exist")
         st = os.statvfs(self.ram_dir)

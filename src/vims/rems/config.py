@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from vims.errors import VimsError
+from vims.tomlconfig import StrictModel, load_toml
 
 
 class ConfigError(VimsError):
     """The REM-S configuration file is missing or invalid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsConfig(_Strict):
+class TlsConfig(StrictModel):
     """The REM-S CA (issues A-VM client certificates) and the server's own certificate."""
 
     ca_cert: Path
@@ -27,12 +23,12 @@ class TlsConfig(_Strict):
     server_key: Path
 
 
-class Webhook(_Strict):
+class Webhook(StrictModel):
     url: str = Field(pattern=r"^https?://")
     timeout_s: float = Field(default=2.0, gt=0, le=30)
 
 
-class RemsConfig(_Strict):
+class RemsConfig(StrictModel):
     database: str = "sqlite:////var/lib/vims/rems.db"
     http_listen: str = Field(default="127.0.0.1:8080", pattern=r"^[0-9A-Za-z.\-\[\]:]+:\d+$")
     channel_listen: str = Field(default="127.0.0.1:7443", pattern=r"^[0-9A-Za-z.\-\[\]:]+:\d+$")
@@ -55,15 +51,4 @@ class RemsConfig(_Strict):
 
 
 def load(path: Path) -> RemsConfig:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config {path}: {exc}") from exc
-    try:
-        return RemsConfig.model_validate(data.get("rems", data))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config {path}: {where}: {first['msg']}") from exc
+    return load_toml(path, RemsConfig, "rems", ConfigError)
