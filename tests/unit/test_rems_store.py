@@ -35,6 +35,7 @@ def test_policies_are_versioned_by_content(store: Store) -> None:
     assert store.policy_of("cvm1") == "lab"
     with pytest.raises(StoreError, match="no policy"):
         store.assign("cvm1", "missing")
+    assert store.assign("cvm2", "lab") is True  # the store is still usable after the error
 
 
 def test_reports_are_unique_per_sequence(store: Store) -> None:
@@ -42,13 +43,16 @@ def test_reports_are_unique_per_sequence(store: Store) -> None:
     store.add_report("cvm1", "avm1", 2, d1, {"result": "fail", "n": 2})
     with pytest.raises(DuplicateReport):
         store.add_report("cvm1", "avm1", 2, d1, {"result": "pass", "n": 2})
-    assert store.last_seq("cvm1") == 2
+    # The aborted transaction left nothing behind and the next write works.
+    store.add_report("cvm1", "avm1", 3, d1, {"result": "pass", "n": 3})
+    assert store.last_seq("cvm1") == 3
     assert store.last_seq("cvm2") == 0
     got = store.reports("cvm1")
-    assert [r["seq"] for r in got] == [2, 1]
-    assert got[1]["digest"] == d1
-    assert got[0]["prev_hash"] == d1
-    assert got[0]["report"] == {"result": "fail", "n": 2}
+    assert [r["seq"] for r in got] == [3, 2, 1]
+    assert got[2]["digest"] == d1
+    assert got[1]["report"] == {"result": "fail", "n": 2}
+    check = store.verify_audit()
+    assert (check.ok, check.entries) == (True, 3)  # no audit entry for the refused replay
 
 
 def test_verdicts_upsert(store: Store) -> None:
@@ -56,8 +60,9 @@ def test_verdicts_upsert(store: Store) -> None:
     store.put_verdict("cvm1", "contraindicated", {"executables": 96}, "e.y.w", 11.0, 41.0, 2)
     v = store.verdict("cvm1")
     assert v is not None
-    assert (v["status"], v["vector"], v["report_seq"]) == ("contraindicated",
-                                                           {"executables": 96}, 2)
+    assert (v["status"], v["vector"], v["report_seq"], v["ear"]) == (
+        "contraindicated", {"executables": 96}, 2, "e.y.w")
+    assert (v["issued_at"], v["expires_at"]) == (11.0, 41.0)
     assert store.verdict("nope") is None
     assert store.cvms() == ["cvm1"]
 
