@@ -126,6 +126,9 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
         reports = json.loads(resp.read())
     seqs = sorted(r["seq"] for r in reports)
     assert seqs == list(range(1, len(seqs) + 1))  # nothing lost, duplicated or reordered
+    by_seq = {r["seq"]: r for r in reports}
+    for seq in seqs[1:]:  # the stored chain links up, across the A-VM's restart too
+        assert by_seq[seq]["prev_hash"] == by_seq[seq - 1]["digest"], seq
     assert any(r["result"] == "fail" for r in reports)
     # The only findings of the whole run are the injected hook: no false positives from
     # the workload, the gate's fetches or the A-VM's own pauses.

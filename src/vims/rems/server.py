@@ -78,6 +78,8 @@ class StoreLedger:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.heads: dict[tuple[str, str], ChainHead] = {}
+        # The head each accepted report extended: what the store records as its prev_hash.
+        self.previous: dict[tuple[str, str], ChainHead] = {}
 
     def head(self, avm_id: str, cvm: str) -> ChainHead:
         if (avm_id, cvm) not in self.heads:
@@ -87,6 +89,7 @@ class StoreLedger:
         return self.heads[(avm_id, cvm)]
 
     def advance(self, avm_id: str, cvm: str, head: ChainHead) -> None:
+        self.previous[(avm_id, cvm)] = self.head(avm_id, cvm)
         self.heads[(avm_id, cvm)] = head
 
 
@@ -160,8 +163,7 @@ class RemsServer:
         if isinstance(event, ReportReceived):
             self.sessions[event.avm_id] = session
             try:
-                last = self.store.reports(event.cvm, 1)
-                prev = last[0]["digest"] if last else CHAIN_GENESIS.digest
+                prev = self.ledger.previous.get((event.avm_id, event.cvm), CHAIN_GENESIS).digest
                 appraisal = self.service.ingest_report(event.avm_id, event.cvm, event.seq,
                                                        prev, event.body, event.digest)
             except Exception:  # keep serving other A-VMs; the audit log has what was stored
