@@ -108,10 +108,11 @@ class HiddenProcessCheck(Check):
 
     def run(self, ctx: Context) -> list[Finding]:
         listed = {t.address for t in ctx.tasks}
-        idle = {ctx.mem.sym("init_task")}
+        seen = {ctx.mem.sym("init_task")}  # the idle task is not on the task list
         out = []
         for view, tasks in (("pid_idr", pid_idr_tasks(ctx)), ("runqueue", runqueue_tasks(ctx))):
-            for addr in sorted(tasks - listed - idle):
+            for addr in sorted(tasks - listed - seen):
+                seen.add(addr)  # one finding per hidden task even when both views see it
                 try:
                     t = ctx.linux.read_task(addr)
                 except (WalkError, MemoryReadError):
@@ -121,11 +122,7 @@ class HiddenProcessCheck(Check):
                 out.append(self.finding(
                     f"task {t.pid} ({t.comm}) is hidden from the task list",
                     pid=t.pid, comm=t.comm, task=f"0x{addr:x}", seen_in=view))
-        # One finding per hidden task even when both views see it.
-        unique: dict[str, Finding] = {}
-        for f in out:
-            unique.setdefault(f.evidence["task"], f)
-        return list(unique.values())
+        return out
 
 
 class AllowlistCheck(Check):
