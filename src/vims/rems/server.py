@@ -17,12 +17,9 @@ import contextlib
 import json
 import logging
 import time
-from pathlib import Path
 
 import httpx
 import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from vims.protocol.chain import GENESIS as CHAIN_GENESIS
 from vims.protocol.core import RemsConnection, VerificationResult
@@ -36,10 +33,11 @@ from vims.protocol.messages import (
     Quote,
     quote_qualifying_data,
 )
-from vims.protocol.pki import server_context
+from vims.protocol.pki import CertificateAuthority, load_or_create_key, server_context
 from vims.protocol.transport import Session, serve
 from vims.rems.api import AttestFailed, create_app
 from vims.rems.config import RemsConfig
+from vims.rems.enroll import Enroller
 from vims.rems.service import RemsService
 from vims.rems.store import Store
 from vims.tpm.eventlog import AGENT_PCR, EventLog, EventLogError, replay
@@ -47,24 +45,6 @@ from vims.tpm.verifier import QuoteError, verify_quote
 
 log = logging.getLogger("vims.rems")
 LAUNCH_PCR = 17
-
-
-def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The EAR signing key (EC P-256), created with 0600 on first start."""
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path} is not an EC private key")
-        return key
-    key = ec.generate_private_key(ec.SECP256R1())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    tmp.replace(path)
-    return key
 
 
 def _pcrs(quote: Quote) -> dict[str, dict[int, bytes]]:
@@ -100,6 +80,8 @@ class RemsServer:
         self.service = RemsService(self.store, load_or_create_key(config.signing_key),
                                    verdict_ttl=config.verdict_ttl_s)
         self.ledger = StoreLedger(self.store)
+        self.enroller = Enroller(self.store, config.ek_ca_certs, CertificateAuthority.load(
+            config.tls.ca_cert, config.tls.ca_key) if config.tls else None)
         self.sessions: dict[str, Session] = {}  # C-VM -> the channel of the A-VM guarding it
         self._trusted: dict[str, bool] = {}
         self._rounds: dict[str, asyncio.Future[ReportReceived]] = {}  # request_id -> answer
@@ -240,7 +222,8 @@ class RemsServer:
         channel = await serve(host, int(port), ctx, self.make_connection, self.on_event)
         http_host, http_port = self.config.http_listen.rsplit(":", 1)
         api = uvicorn.Server(uvicorn.Config(
-            create_app(self.service, self.config.admin_token(), self.attest), host=http_host,
+            create_app(self.service, self.config.admin_token(), self.attest, self.enroller),
+            host=http_host,
             port=int(http_port), log_level="warning", lifespan="off"))
         log.info("REM-S: channel on %s, HTTP on %s", self.config.channel_listen,
                  self.config.http_listen)
