@@ -181,3 +181,15 @@ def test_attest_on_demand_sees_an_attack_before_the_next_scheduled_round(
         assert attacked["report"]["seq"] == 3
         assert {f["check"] for f in attacked["report"]["findings"]} == {"kernel.syscall_table"}
         assert dep.decision() == 403  # the gate follows the fresh verdict at once
+
+    # The operator changes the policy: the REM-S pushes it to the connected A-VM, which
+    # reschedules at once (no reconnect): 600 s rounds become 1 s rounds.
+    def stored() -> int:
+        status, body = dep.call("GET", f"/v1/cvms/{dep.cvm}/reports?limit=500", b"")
+        return len(json.loads(body)) if status == 200 else -1
+
+    before = stored()
+    fast = {**slow, "checks": [{"id": "kernel.syscall_table", "interval_s": 1}]}
+    assert dep.put("/v1/policies/slow", json.dumps(fast).encode()) == 200
+    wait_for(lambda: stored() >= before + 3, 20, step=0.3)
+    assert "policy slow v2 received" in (dep.root / "avm.log").read_text()

@@ -108,11 +108,11 @@ class Agent:
     def _schedule(self, session: Session, policy: PolicySpec) -> None:
         """One task per C-VM and interval: checks with equal intervals share a round."""
         self._cancel()
-        by_interval: dict[float, list[str]] = defaultdict(list)
-        for spec in policy.checks:
-            if spec.id in ALL_CHECKS:
-                by_interval[spec.interval_s].append(spec.id)
-        for target in self.targets.values():
+        for name, target in self.targets.items():
+            by_interval: dict[float, list[str]] = defaultdict(list)
+            for spec in policy.checks:
+                if spec.id in ALL_CHECKS and spec.applies_to(name):
+                    by_interval[spec.interval_s].append(spec.id)
             for interval, ids in by_interval.items():
                 self._tasks.append(asyncio.create_task(
                     self._check_loop(session, target, interval, ids)))
@@ -136,7 +136,8 @@ class Agent:
     async def _requested_round(self, session: Session, event: RoundRequested) -> None:
         """A round the REM-S asked for: every check of the policy, answered at once."""
         policy = session.conn.policy
-        ids = [c.id for c in policy.checks if c.id in ALL_CHECKS] if policy else list(ALL_CHECKS)
+        ids = sorted({c.id for c in policy.checks if c.id in ALL_CHECKS
+                      and c.applies_to(event.cvm)}) if policy else list(ALL_CHECKS)
         report = await asyncio.to_thread(self.targets[event.cvm].check, ids)
         try:
             session.send_report(event.cvm, report, event.request_id)

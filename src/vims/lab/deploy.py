@@ -99,9 +99,10 @@ class LabDeployment:
     def call(self, method: str, path: str, body: bytes = b"{}", timeout: float = 10.0,
              token: str | None = None) -> tuple[int, bytes]:
         """An operator's API call (bearer token): status and body, errors included."""
-        req = urllib.request.Request(self.http_url + path, data=body, method=method, headers={
-            "Authorization": f"Bearer {token if token is not None else self.admin_token}",
-            "Content-Type": "application/json"})
+        headers = {"Authorization": f"Bearer {token if token is not None else self.admin_token}",
+                   "Content-Type": "application/json"}
+        req = urllib.request.Request(self.http_url + path, data=body or None, method=method,
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return int(r.status), r.read()

@@ -554,6 +554,11 @@ class RemsConnection(_Endpoint):
         """The policy the A-VM acknowledged last (reports are judged against it)."""
         return self._policy
 
+    @property
+    def latest_policy(self) -> PolicySpec | None:
+        """The policy sent last, acknowledged or not: what the A-VM will run."""
+        return self._pending[-1][0] if self._pending else self._policy
+
     def update_policy(self, spec: PolicySpec, now: float) -> None:
         """Push a new policy; it applies to reports after the A-VM's ack of it."""
         if self._state is not State.ACTIVE:

@@ -92,7 +92,10 @@ def validate_policy(body: dict[str, Any]) -> None:
 
 
 def create_app(service: RemsService, admin_token: str,
-               attest: Attester | None = None, enroller: Enroller | None = None) -> FastAPI:
+               attest: Attester | None = None, enroller: Enroller | None = None,
+               policies_changed: Callable[[], None] = lambda: None) -> FastAPI:
+    """The API over *service*; ``policies_changed`` is called after a policy or an
+    assignment changed, so the REM-S can push the new policy to connected A-VMs."""
     app = FastAPI(title="VIMS REM-S", version=__version__,
                   description="Verdicts on C-VMs from A-VM introspection reports.")
 
@@ -196,6 +199,8 @@ def create_app(service: RemsService, admin_token: str,
         except PolicyError as exc:
             raise HTTPException(422, str(exc)) from exc
         changed, version = service.store.put_policy(name, {**body, "name": name})
+        if changed:
+            policies_changed()
         return {"name": name, "version": version, "changed": changed}
 
     @app.get("/v1/policies/{name}")
@@ -210,7 +215,10 @@ def create_app(service: RemsService, admin_token: str,
         policy = body.get("policy", "")
         if service.store.get_policy(policy) is None:
             raise HTTPException(404, f"no policy {policy!r}")
-        return {"cvm": cvm, "policy": policy, "changed": service.store.assign(cvm, policy)}
+        changed = service.store.assign(cvm, policy)
+        if changed:
+            policies_changed()
+        return {"cvm": cvm, "policy": policy, "changed": changed}
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> JSONResponse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from vims.protocol.messages import (
     Hello,
     PolicySpec,
     Quote,
+    policy_digest,
     quote_qualifying_data,
 )
 from vims.protocol.pki import CertificateAuthority, load_or_create_key, server_context
@@ -121,17 +123,37 @@ class RemsServer:
         return VerificationResult(True, "ok")
 
     def policy_for(self, hello: Hello) -> PolicySpec:
-        """The policy of the A-VM's first C-VM (one policy per channel)."""
-        name = self.store.policy_of(hello.cvms[0]) or "default"
-        found = self.store.get_policy(name)
-        version, body = found if found else (1, {})
-        checks = [CheckSpec(id=c["id"], interval_s=float(c.get("interval_s", 10)))
-                  for c in body.get("checks", []) if c.get("id") in hello.capabilities.checks]
-        if not checks:
-            checks = [CheckSpec(id=c, interval_s=10.0) for c in hello.capabilities.checks]
-        return PolicySpec(policy_id=name, version=version, checks=checks,
-                          quote_every=int(body.get("quote_every", 5)),
-                          heartbeat_s=float(body.get("heartbeat_s", 5.0)))
+        """The channel policy: each C-VM's assigned policy, its checks tagged with the C-VM.
+
+        Checks the A-VM cannot run are left out; a C-VM whose policy names none
+        it can run gets every check the A-VM offers (never an empty round).
+        Quotes and heartbeats follow the strictest of the policies involved.
+        """
+        names: list[str] = []
+        wanted: dict[tuple[str, float], list[str]] = {}
+        quote_every, heartbeat = [], []
+        version = 1
+        for cvm in hello.cvms:
+            name = self.store.policy_of(cvm) or "default"
+            found = self.store.get_policy(name)
+            v, body = found if found else (1, {})
+            names.append(name)
+            version = max(version, v)
+            quote_every.append(int(body.get("quote_every", 5)))
+            heartbeat.append(float(body.get("heartbeat_s", 5.0)))
+            checks = [(str(c["id"]), float(c.get("interval_s", 10)))
+                      for c in body.get("checks", []) if c.get("id") in hello.capabilities.checks]
+            for key in checks or [(c, 10.0) for c in hello.capabilities.checks]:
+                wanted.setdefault(key, []).append(cvm)
+        every_cvm = len(hello.cvms)
+        specs = [CheckSpec(id=cid, interval_s=interval,
+                           cvms=None if len(cvms) == every_cvm else cvms)
+                 for (cid, interval), cvms in sorted(wanted.items())]
+        unique = sorted(set(names))
+        policy_id = unique[0] if len(unique) == 1 else "multi-" + hashlib.sha256(
+            ",".join(unique).encode()).hexdigest()[:12]
+        return PolicySpec(policy_id=policy_id, version=version, checks=specs,
+                          quote_every=min(quote_every), heartbeat_s=min(heartbeat))
 
     # ------------------------------------------------------------ channel
     def make_connection(self, peer_avm_id: str | None, now: float) -> RemsConnection:
@@ -189,6 +211,24 @@ class RemsServer:
         finally:
             self._rounds.pop(request_id, None)
 
+    def push_policies(self) -> None:
+        """Send every connected A-VM whose policy changed its new policy (policy_update)."""
+        for session in set(self.sessions.values()):
+            conn = session.conn
+            if not isinstance(conn, RemsConnection) or conn.hello is None or conn.closed:
+                continue
+            spec = self.policy_for(conn.hello)
+            latest = conn.latest_policy
+            if latest is None or policy_digest(spec) == policy_digest(latest):
+                continue
+            try:
+                conn.update_policy(spec, session.now())
+            except RuntimeError:  # not ACTIVE (yet): it gets the policy in its handshake
+                continue
+            session.poke()
+            log.info("policy %s v%s pushed to A-VM %s", spec.policy_id, spec.version,
+                     conn.hello.avm_id)
+
     # ----------------------------------------------------------- webhooks
     def _notify_if_changed(self, cvm: str, trusted: bool, status: str) -> None:
         before = self._trusted.get(cvm)
@@ -221,9 +261,15 @@ class RemsServer:
         host, port = self.config.channel_listen.rsplit(":", 1)
         channel = await serve(host, int(port), ctx, self.make_connection, self.on_event)
         http_host, http_port = self.config.http_listen.rsplit(":", 1)
+        loop = asyncio.get_running_loop()
+
+        def policies_changed() -> None:  # called from the API's worker threads
+            loop.call_soon_threadsafe(self.push_policies)
+
+        app = create_app(self.service, self.config.admin_token(), self.attest, self.enroller,
+                         policies_changed)
         api = uvicorn.Server(uvicorn.Config(
-            create_app(self.service, self.config.admin_token(), self.attest, self.enroller),
-            host=http_host,
+            app, host=http_host,
             port=int(http_port), log_level="warning", lifespan="off"))
         log.info("REM-S: channel on %s, HTTP on %s", self.config.channel_listen,
                  self.config.http_listen)
