@@ -14,10 +14,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -94,8 +96,33 @@ def gate(deployment: LabDeployment) -> Iterator[int]:
     shutil.rmtree(content, ignore_errors=True)
 
 
+@pytest.fixture
+def webhook(deployment: LabDeployment) -> Iterator[list[dict[str, object]]]:
+    """A revocation receiver the REM-S is configured to notify."""
+    received: list[dict[str, object]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = deployment.rems_config.read_text().replace("[rems.tls]", (
+        f'[[rems.webhooks]]\nurl = "http://127.0.0.1:{server.server_port}/revoked"\n\n'
+        "[rems.tls]"))
+    deployment.rems_config.write_text(config)
+    yield received
+    server.shutdown()
+
+
 def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, profile_path: Path,
-                                         deployment: LabDeployment, gate: int) -> None:
+                                         deployment: LabDeployment, gate: int,
+                                         webhook: list[dict[str, object]]) -> None:
     dep = deployment
     dep.start_rems()
     policy = {"checks": [{"id": c, "interval_s": INTERVAL} for c in ALL_CHECKS],
@@ -116,6 +143,9 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
         denied_after = wait_for(lambda: not through_gate(), INTERVAL + 1 + 3, step=0.2)
         assert denied_after <= INTERVAL + 1 + 1.5  # + the wget round trip itself
         assert dep.decision() == 403
+        wait_for(lambda: len(webhook) == 1, 5)
+        assert (webhook[0]["event"], webhook[0]["cvm"], webhook[0]["status"]) == (
+            "revoked", dep.cvm, "contraindicated")
     assert wait_for(through_gate, 15, step=0.3) <= INTERVAL + 8  # clean again: allowed again
 
     # The A-VM dies: no fresh reports, the verdict lapses, the gate fails closed.
@@ -124,6 +154,8 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
     wait_for(lambda: dep.decision() == 403, INTERVAL * STALE_AFTER + 3, step=0.2)
     assert time.monotonic() - killed >= INTERVAL  # not before the staleness limit runs out
     assert not through_gate()
+    wait_for(lambda: len(webhook) == 2, 5)  # a lapsed verdict revokes like a failing one
+    assert (webhook[1]["cvm"], webhook[1]["status"]) == (dep.cvm, "stale")
 
     dep.start_avm()  # restart: re-attests, resumes the report chain
     wait_for(through_gate, 60, step=0.5)
@@ -139,9 +171,10 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
     assert any(r["result"] == "fail" for r in reports)
     # The only findings of the whole run are the injected hook: no false positives from
     # the workload, the gate's fetches or the A-VM's own pauses.
-    found = {(f["check"], f["evidence"].get("nr")) for r in reports
-             for f in r["report"].get("findings", [])}
-    assert found == {("kernel.syscall_table", KEXEC_LOAD)}, found
+    findings = [f for r in reports for f in r["report"].get("findings", [])]
+    found = {(f["check"], f["evidence"].get("nr")) for f in findings}
+    assert found == {("kernel.syscall_table", KEXEC_LOAD)}, [
+        f for f in findings if f["check"] != "kernel.syscall_table"]
     audit = subprocess.run([sys.executable, "-m", "vims.cli", "rems", "audit", "verify",
                             "--config", str(dep.rems_config)], capture_output=True, text=True,
                            check=False)

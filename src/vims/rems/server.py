@@ -40,13 +40,14 @@ from vims.protocol.transport import Session, serve
 from vims.rems.api import AttestFailed, create_app
 from vims.rems.config import RemsConfig
 from vims.rems.enroll import Enroller
-from vims.rems.service import RemsService
+from vims.rems.service import Incoming, RemsService
 from vims.rems.store import Store
 from vims.tpm.eventlog import AGENT_PCR, EventLog, EventLogError, replay
 from vims.tpm.verifier import QuoteError, verify_quote
 
 log = logging.getLogger("vims.rems")
 LAUNCH_PCR = 17
+MAX_BATCH = 2000  # reports per storage transaction
 
 
 def _pcrs(quote: Quote) -> dict[str, dict[int, bytes]]:
@@ -87,6 +88,9 @@ class RemsServer:
         self.sessions: dict[str, Session] = {}  # C-VM -> the channel of the A-VM guarding it
         self._trusted: dict[str, bool] = {}
         self._rounds: dict[str, asyncio.Future[ReportReceived]] = {}  # request_id -> answer
+        # Verified reports awaiting storage, with the prev_hash each extended.
+        self._incoming: list[tuple[Session, ReportReceived, str]] = []
+        self._wake_writer = asyncio.Event()
 
     # ------------------------------------------------------- appraisal hooks
     def verify_evidence(self, hello: Hello, nonce: bytes, evidence: Evidence,
@@ -162,7 +166,7 @@ class RemsServer:
             verify_evidence=self.verify_evidence,
             policy_for=self.policy_for,
             verify_report_quote=lambda n, d, q: self.verify_report_quote(n, d, q, avm),
-            ledger=self.ledger, now=now, peer_avm_id=peer_avm_id)
+            ledger=self.ledger, now=now, peer_avm_id=peer_avm_id, defer_acks=True)
 
     def on_event(self, session: Session, event: Event) -> None:
         if isinstance(event, HandshakeComplete):
@@ -172,20 +176,54 @@ class RemsServer:
             for cvm in [c for c, s in self.sessions.items() if s is session]:
                 del self.sessions[cvm]
         elif isinstance(event, ReportReceived):
-            try:
-                prev = self.ledger.previous.get((event.avm_id, event.cvm), CHAIN_GENESIS).digest
-                appraisal = self.service.ingest_report(event.avm_id, event.cvm, event.seq,
-                                                       prev, event.body, event.digest)
-            except Exception:  # keep serving other A-VMs; the audit log has what was stored
-                log.exception("storing report %s#%s", event.cvm, event.seq)
-                return
-            self._notify_if_changed(event.cvm, appraisal.trusted(
-                self.service.verdict_policy(event.cvm)[0]), appraisal.status)
-            waiter = self._rounds.pop(event.request_id or "", None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)  # after storing: the caller reads the new verdict
+            # prev_hash now: the ledger moves on with the next report before this is stored.
+            prev = self.ledger.previous.get((event.avm_id, event.cvm), CHAIN_GENESIS).digest
+            self._incoming.append((session, event, prev))
+            self._wake_writer.set()
         else:
             log.debug("event %s", event)
+
+    async def _writer(self) -> None:
+        """Store what arrived while the previous batch was written, then ack it.
+
+        One transaction per batch, run off the event loop, so the loop keeps
+        reading and verifying while the database commits. Acks go out only after
+        the commit (an ack promises the report is stored); if storing fails, the
+        sessions concerned are closed and their A-VMs resend from the stored head.
+        """
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._incoming:
+                batch = self._incoming[:MAX_BATCH]
+                del self._incoming[:MAX_BATCH]
+                items = [Incoming(e.avm_id, e.cvm, e.seq, prev, e.body, e.digest)
+                         for _, e, prev in batch]
+                try:
+                    appraisals = await asyncio.to_thread(self.service.ingest_reports, items)
+                except Exception:  # keep serving; these A-VMs resend (nothing was acked)
+                    log.exception("storing %d reports", len(batch))
+                    self._abandon(batch)
+                    continue
+                for (session, event, _), appraisal in zip(batch, appraisals, strict=True):
+                    conn = session.conn
+                    if isinstance(conn, RemsConnection):
+                        conn.ack_report(event.cvm, event.seq, session.now())
+                        session.poke()
+                    self._notify_if_changed(event.cvm, appraisal.trusted(
+                        self.service.verdict_policy(event.cvm)[0]), appraisal.status)
+                    waiter = self._rounds.pop(event.request_id or "", None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(event)  # stored: the caller reads the new verdict
+
+    def _abandon(self, batch: list[tuple[Session, ReportReceived, str]]) -> None:
+        """Unstored reports: forget their chain heads and drop their (and later) sessions."""
+        sessions = {id(session): session for session, _, _ in batch}
+        for _, event, _ in batch:
+            self.ledger.heads.pop((event.avm_id, event.cvm), None)
+        for session in sessions.values():
+            session.close("report storage failed; resend")
+        self._incoming = [item for item in self._incoming if id(item[0]) not in sessions]
 
     async def attest(self, cvm: str, timeout_s: float) -> ReportReceived:
         """A fresh round of *cvm* on demand: new nonce, full report, quote over both.
@@ -213,6 +251,7 @@ class RemsServer:
 
     def push_policies(self) -> None:
         """Send every connected A-VM whose policy changed its new policy (policy_update)."""
+        self.service.invalidate_policies()  # verdicts follow the new rules from now on
         for session in set(self.sessions.values()):
             conn = session.conn
             if not isinstance(conn, RemsConnection) or conn.hello is None or conn.closed:
@@ -247,9 +286,9 @@ class RemsServer:
         """Fail closed: a verdict that lapses revokes like a failing one."""
         while True:
             await asyncio.sleep(1.0)
-            for cvm in self.store.cvms():
-                d = self.service.decision(cvm)
-                if not d.allowed and self._trusted.get(cvm):
+            lapsed = await asyncio.to_thread(self.store.expired_verdicts, time.time())
+            for cvm in lapsed:
+                if self._trusted.get(cvm):
                     self._notify_if_changed(cvm, False, "stale")
 
     # --------------------------------------------------------------- run
@@ -274,10 +313,12 @@ class RemsServer:
         log.info("REM-S: channel on %s, HTTP on %s", self.config.channel_listen,
                  self.config.http_listen)
         watcher = asyncio.create_task(self._stale_watch())
+        writer = asyncio.create_task(self._writer())
         try:
             await api.serve()
         finally:
             watcher.cancel()
+            writer.cancel()
             channel.close()
             await channel.wait_closed()
 
