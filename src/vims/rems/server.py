@@ -40,8 +40,8 @@ from vims.protocol.transport import Session, serve
 from vims.rems.api import AttestFailed, create_app
 from vims.rems.config import RemsConfig
 from vims.rems.enroll import Enroller
-from vims.rems.service import Incoming, RemsService
-from vims.rems.store import Store
+from vims.rems.service import RemsService
+from vims.rems.store import NewReport, Store
 from vims.tpm.eventlog import AGENT_PCR, EventLog, EventLogError, replay
 from vims.tpm.verifier import QuoteError, verify_quote
 
@@ -197,7 +197,7 @@ class RemsServer:
             while self._incoming:
                 batch = self._incoming[:MAX_BATCH]
                 del self._incoming[:MAX_BATCH]
-                items = [Incoming(e.avm_id, e.cvm, e.seq, prev, e.body, e.digest)
+                items = [NewReport(e.cvm, e.avm_id, e.seq, prev, e.body, e.digest)
                          for _, e, prev in batch]
                 try:
                     appraisals = await asyncio.to_thread(self.service.ingest_reports, items)

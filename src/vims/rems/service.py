@@ -32,18 +32,6 @@ class Decision:
     ear: str | None = None
 
 
-@dataclass(frozen=True)
-class Incoming:
-    """A report the control channel verified, on its way to storage and appraisal."""
-
-    avm_id: str
-    cvm: str
-    seq: int
-    prev_hash: str
-    body: dict[str, Any]
-    digest: str | None = None
-
-
 class RemsService:
     """Appraisal and decisions over a store; ``clock`` is injectable for tests.
 
@@ -92,7 +80,7 @@ class RemsService:
         k = body.get("stale_after_intervals", 3)
         return float(max(intervals) * k) if intervals else self.verdict_ttl
 
-    def ingest_reports(self, items: Sequence[Incoming]) -> list[Appraisal]:
+    def ingest_reports(self, items: Sequence[NewReport]) -> list[Appraisal]:
         """Appraise verified reports and store them with the new verdicts, in one go."""
         now = self.clock()
         appraisals: list[Appraisal] = []
@@ -103,14 +91,13 @@ class RemsService:
             appraisals.append(appraisal)
             verdicts[item.cvm] = NewVerdict(item.cvm, appraisal.status, appraisal.vector, now,
                                             now + self.ttl_for(body), item.seq)
-        self.store.ingest([NewReport(i.cvm, i.avm_id, i.seq, i.prev_hash, i.body, i.digest)
-                           for i in items], list(verdicts.values()))
+        self.store.ingest(items, list(verdicts.values()))
         return appraisals
 
     def ingest_report(self, avm_id: str, cvm: str, seq: int, prev_hash: str,
                       report: dict[str, Any], digest: str | None = None) -> Appraisal:
         """Store one verified report, appraise it and publish the new verdict."""
-        return self.ingest_reports([Incoming(avm_id, cvm, seq, prev_hash, report, digest)])[0]
+        return self.ingest_reports([NewReport(cvm, avm_id, seq, prev_hash, report, digest)])[0]
 
     def _ear(self, cvm: str, verdict: dict[str, Any], policy: VerdictPolicy) -> str:
         """The verdict's EAR, valid from its issue to its expiry; signed once per verdict."""

@@ -62,7 +62,7 @@ def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class NewReport:
-    """A report to store: the chain position the control channel verified, and its body."""
+    """A verified report to store: its chain position (from the control channel) and body."""
 
     cvm: str
     avm_id: str
