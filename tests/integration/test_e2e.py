@@ -27,7 +27,7 @@ import pytest
 from vims.checks import ALL_CHECKS
 from vims.gate.nginx import GateRoute, NginxGate
 from vims.lab import Lab, LabManager
-from vims.lab.deploy import LabDeployment, deploy
+from vims.lab.deploy import LAUNCH_DATA, LabDeployment, deploy
 from vims.net import free_port
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
@@ -226,3 +226,27 @@ def test_attest_on_demand_sees_an_attack_before_the_next_scheduled_round(
     assert dep.put("/v1/policies/slow", json.dumps(fast).encode()) == 200
     wait_for(lambda: stored() >= before + 3, 20, step=0.3)
     assert "policy slow v2 received" in (dep.root / "avm.log").read_text()
+
+
+def test_an_a_vm_launched_otherwise_is_not_believed(deployment: LabDeployment) -> None:
+    """A different measured launch (PCR 17 not golden): the handshake is refused and
+    none of its reports is stored; the golden launch back, the same A-VM is accepted."""
+    dep = deployment
+    dep.start_rems()
+    assert dep.put("/v1/policies/lab", json.dumps(
+        {"checks": [{"id": "kernel.syscall_table", "interval_s": 1}]}).encode()) == 200
+    assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}') == 200
+    dep.enroll()
+    dep.swtpm.drtm_measure(b"an unmeasured hypervisor")  # what a tampered launch looks like
+    dep.start_avm()
+    rems_log = dep.root / "rems.log"
+    wait_for(lambda: "launch PCR 17 is not the golden value" in rems_log.read_text(), 30)
+    time.sleep(4)
+    refusals = rems_log.read_text().count("attestation_failed")
+    assert 1 <= refusals <= 8  # the refused agent backs off (0.2 s, doubling, up to 5 s)
+    status, body = dep.call("GET", f"/v1/cvms/{dep.cvm}/reports", b"")
+    assert (status, json.loads(body)) == (200, [])
+    assert dep.decision() == 403
+
+    dep.swtpm.drtm_measure(LAUNCH_DATA)  # the golden launch: the agent's next try passes
+    wait_for(lambda: dep.decision() == 200, 30, step=0.3)

@@ -85,6 +85,7 @@ class Agent:
         self.vtpm.measure_launch(self._launch_items())
         self._tasks: list[asyncio.Task[None]] = []
         self._rounds: set[asyncio.Task[None]] = set()  # on-demand rounds survive policy updates
+        self._attested = False  # this connection got through the handshake
 
     def _launch_items(self) -> list[tuple[str, str, bytes]]:
         items = [("agent-code", "vims runtime sources", agent_code_digest()),
@@ -146,6 +147,7 @@ class Agent:
 
     def _on_event(self, session: Session, event: Event) -> None:
         if isinstance(event, PolicyReceived):
+            self._attested = True
             log.info("policy %s v%s received", event.policy.policy_id, event.policy.version)
             self._schedule(session, event.policy)
         elif isinstance(event, RoundRequested):
@@ -164,12 +166,14 @@ class Agent:
         delay = 0.2
         while stop is None or not stop.is_set():
             try:
+                self._attested = False
                 _session, task = await connect(host, int(port), ctx, self._connection(),
                                               self._on_event,
                                               server_hostname=self.config.rems_name)
-                delay = 0.2
                 log.info("connected to REM-S %s", self.config.rems)
                 await task
+                if self._attested:  # back off from a REM-S that refuses us, not one that ran
+                    delay = 0.2
             except (TimeoutError, OSError) as exc:
                 log.warning("REM-S %s unreachable: %s", self.config.rems, exc)
             finally:

@@ -24,7 +24,13 @@ import uvicorn
 
 from vims.protocol.chain import GENESIS as CHAIN_GENESIS
 from vims.protocol.core import RemsConnection, VerificationResult
-from vims.protocol.events import ConnectionClosed, Event, HandshakeComplete, ReportReceived
+from vims.protocol.events import (
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+    ProtocolError,
+    ReportReceived,
+)
 from vims.protocol.messages import (
     ChainHead,
     CheckSpec,
@@ -172,6 +178,11 @@ class RemsServer:
         if isinstance(event, HandshakeComplete):
             for cvm in event.cvms:
                 self.sessions[cvm] = session
+        elif isinstance(event, ProtocolError):
+            conn = session.conn
+            who = conn.hello.avm_id if isinstance(conn, RemsConnection) and conn.hello else "?"
+            log.warning("A-VM %s: %s%s: %s", who, "peer reported " if event.remote else "",
+                        event.code, event.message)
         elif isinstance(event, ConnectionClosed):
             for cvm in [c for c, s in self.sessions.items() if s is session]:
                 del self.sessions[cvm]
