@@ -9,6 +9,7 @@ makes it refuse after the staleness limit; a restarted A-VM brings it back.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg import private_postgres
 from vims.checks import ALL_CHECKS
 from vims.gate.nginx import GateRoute, NginxGate
 from vims.lab import Lab, LabManager
@@ -250,3 +253,52 @@ def test_an_a_vm_launched_otherwise_is_not_believed(deployment: LabDeployment) -
 
     dep.swtpm.drtm_measure(LAUNCH_DATA)  # the golden launch: the agent's next try passes
     wait_for(lambda: dep.decision() == 200, 30, step=0.3)
+
+
+def with_keys(toml: str, **values: str) -> str:
+    """*toml* with the given top-level string keys set (lines ``key = "..."``)."""
+    for key, value in values.items():
+        toml = re.sub(rf'(?m)^{key} = ".*"$', f'{key} = "{value}"', toml, count=1)
+    return toml
+
+
+def test_two_rems_instances_share_one_postgresql(deployment: LabDeployment) -> None:
+    """Several REM-S processes on one PostgreSQL database: the A-VM reports to one, the
+    gate may ask the other, and the audit chain written by both stays one chain."""
+    dep = deployment
+    with private_postgres() as pg:
+        url = pg.new_database()
+        dep.rems_config.write_text(with_keys(dep.rems_config.read_text(), database=url))
+        dep.start_rems()
+        # A second instance: same database, keys and CA; its own ports.
+        second = dep.root / "rems-b.toml"
+        http_b = free_port()
+        second.write_text(with_keys(dep.rems_config.read_text(),
+                                    http_listen=f"127.0.0.1:{http_b}",
+                                    channel_listen=f"127.0.0.1:{free_port()}"))
+        dep._spawn("rems-b", ["rems", "serve", "--config", str(second)])
+        b_url = f"http://127.0.0.1:{http_b}"
+
+        def decision_b() -> int:
+            try:
+                with urllib.request.urlopen(f"{b_url}/v1/decision/{dep.cvm}", timeout=5) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+            except OSError:
+                return -1
+
+        wait_for(lambda: decision_b() in (200, 403), 30)
+        assert decision_b() == 403  # nothing known yet, on either instance
+        policy = {"checks": [{"id": c, "interval_s": 1} for c in ALL_CHECKS]}
+        assert dep.put("/v1/policies/lab", json.dumps(policy).encode()) == 200
+        assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}') == 200
+        dep.start_avm()
+        wait_for(lambda: decision_b() == 200, 60, step=0.3)  # B sees what A stored
+        dep.stop("avm")
+        dep.stop("rems-b")
+        audit = subprocess.run([sys.executable, "-m", "vims.cli", "rems", "audit", "verify",
+                                "--database", url, "--format", "json"],
+                               capture_output=True, text=True, check=False)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert json.loads(audit.stdout)["entries"] > 3
