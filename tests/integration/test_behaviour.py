@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -90,6 +91,30 @@ def test_clean_workload_has_no_behaviour_findings(mem: GuestMemory,
     for _ in range(5):
         assert behaviour_findings(mem, policy) == []
         time.sleep(0.5)
+
+
+def test_busy_web_server_has_no_behaviour_findings(mem: GuestMemory, policy: dict[str, Any],
+                                                   lab: Lab) -> None:
+    """httpd forking per request, connections opening and closing (httperf): no findings.
+
+    Caught earlier: accepted connections read as outbound ones, and closed sockets
+    whose port the kernel had already released."""
+    load = subprocess.Popen(["httperf", "--hog", "--server", "127.0.0.1", "--port",
+                             str(lab.http_port), "--uri", "/", "--num-conns", "400",
+                             "--timeout", "5"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        rounds = 0
+        while load.poll() is None and rounds < 60:
+            report = run_round(mem, [*BEHAVIOUR, "process.allowlist"], None, policy, "pause",
+                               {"memory": "lab"})
+            assert report["result"] == "pass", (report["findings"][:3], [
+                c["error"] for c in report["checks"] if c["error"]])
+            rounds += 1
+        assert rounds >= 5  # the rounds did overlap the load
+    finally:
+        load.kill()
+        load.wait()
 
 
 # --- attacks -------------------------------------------------------------------------

@@ -132,20 +132,25 @@ class SocketsCheck(Check):
         beh = _behaviour(ctx)
         for t, _, app in _processes(ctx):
             listen = (app or {}).get("listen", [])
-            for sock in beh.sockets(t):
-                if sock.family not in ("inet", "inet6"):
-                    continue
+            socks = [s for s in beh.sockets(t) if s.family in ("inet", "inet6")]
+            # Connections on a port this process listens on were accepted, not made.
+            serving = {(s.kind, s.local_port) for s in socks if s.listening}
+            for sock in socks:
                 if sock.listening:
                     if not _allowed(sock, listen, remote=False):
                         out.append(self.finding(
                             f"{t.comm} ({t.pid}) listens on {sock.kind} port {sock.local_port}",
                             process=_who(t), socket=sock.public()))
                 # A connection on a port the app may listen on was accepted, not made.
-                elif sock.remote_port and not _allowed(sock, listen, remote=False) and \
+                # A closed TCP socket (peer gone, port released) connects nothing any more.
+                elif sock.remote_port and sock.state != "close" and \
+                        (sock.kind, sock.local_port) not in serving and \
+                        not _allowed(sock, listen, remote=False) and \
                         not _allowed(sock, (app or {}).get("connect", []), remote=True):
                     out.append(self.finding(
-                        f"{t.comm} ({t.pid}) connected to {sock.remote}:{sock.remote_port}",
-                        process=_who(t), socket=sock.public()))
+                        f"{t.comm} ({t.pid}) connected from port {sock.local_port} to "
+                        f"{sock.remote}:{sock.remote_port}", process=_who(t),
+                        socket=sock.public()))
         return out
 
 

@@ -90,6 +90,12 @@ class Vma:
                 "path": self.path or f"[{self.special or 'anon'}]"}
 
 
+def _address6(raw: bytes) -> str:
+    """An IPv6 address; an IPv4-mapped one (a dual-stack socket's IPv4 peer) as IPv4."""
+    addr = ipaddress.IPv6Address(raw)
+    return str(addr.ipv4_mapped or addr)
+
+
 def _array_len(type_name: str) -> int:
     match = re.search(r"\[(\d+)\]$", type_name)
     if match is None:
@@ -187,8 +193,8 @@ class Behaviour:
             local = str(ipaddress.IPv4Address(mem.read(off("skc_rcv_saddr"), 4)))
             remote = str(ipaddress.IPv4Address(mem.read(off("skc_daddr"), 4)))
         elif fam == AF_INET6:
-            local = str(ipaddress.IPv6Address(mem.read(off("skc_v6_rcv_saddr"), 16)))
-            remote = str(ipaddress.IPv6Address(mem.read(off("skc_v6_daddr"), 16)))
+            local = _address6(mem.read(off("skc_v6_rcv_saddr"), 16))
+            remote = _address6(mem.read(off("skc_v6_daddr"), 16))
         else:
             local = remote = ""
         kind = {6: "tcp", 17: "udp", 1: "icmp", 255: "raw"}.get(proto, f"proto{proto}")
