@@ -232,6 +232,30 @@ def test_corrupt_memory_map_is_an_error_not_a_hang(mem: GuestMemory, policy: dic
     assert behaviour_findings(mem, policy) == []
 
 
+def test_privileges_gained_in_place_between_rounds(mem: GuestMemory, policy: dict[str, Any],
+                                                   lab: Lab, lab_manager: LabManager) -> None:
+    """httpd (uid 33) made root by overwriting its cred, as a kernel exploit does."""
+    history: dict[str, Any] = {}
+
+    def creds_findings() -> list[dict[str, Any]]:
+        report = run_round(mem, ["behaviour.creds"], None, policy, "pause", {}, history)
+        assert report["checks"][0]["error"] is None
+        found: list[dict[str, Any]] = report["findings"]
+        return found
+
+    assert creds_findings() == []  # the first round records
+    httpd = task_named(mem, "httpd")
+    euid = httpd.cred + mem.profile.offset("cred", "euid")
+    with lab_manager.paused(lab.name), patched(mem, euid, struct.pack("<I", 0)):
+        for _ in range(2):  # and it stays found while the process keeps the privilege
+            found = creds_findings()
+            assert [(f["evidence"]["process"]["pid"], f["evidence"]["before"]["euid"])
+                    for f in found] == [(httpd.pid, 33)]
+    assert creds_findings() == []  # back to www: nothing gained any more
+    one_shot = run_round(mem, ["behaviour.creds"], None, policy, "pause", {})
+    assert one_shot["result"] == "pass"  # without history a single round cannot compare
+
+
 def vma_flags_address(mem: GuestMemory, task: Task, start: int) -> int:
     """Address of ``vm_flags`` of the task's VMA that starts at *start*."""
     beh = Behaviour(Linux(mem))

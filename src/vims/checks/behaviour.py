@@ -32,7 +32,7 @@ from vims.checks.rules import glob_any, matches
 from vims.vmi.behaviour import VM_EXEC, VM_WRITE, Behaviour, Sock
 from vims.vmi.linux import Task
 
-__all__ = ["ChildrenCheck", "FilesCheck", "MemoryCheck", "SocketsCheck"]
+__all__ = ["ChildrenCheck", "CredsChangeCheck", "FilesCheck", "MemoryCheck", "SocketsCheck"]
 
 
 _READERS: weakref.WeakKeyDictionary[Context, Behaviour] = weakref.WeakKeyDictionary()
@@ -179,4 +179,39 @@ class MemoryCheck(Check):
                     out.append(self.finding(
                         f"{t.comm} ({t.pid}) executes anonymous memory at {vma.start:#x}",
                         Severity.HIGH, process=_who(t), vma=vma.public()))
+        return out
+
+
+class CredsChangeCheck(Check):
+    id: ClassVar[str] = "behaviour.creds"
+    description: ClassVar[str] = (
+        "No process gained privileges between rounds without executing a new program.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        """Compare each process (pid + start time) with the previous round's reading.
+
+        Dropping privileges (setuid to a user) is what daemons do; gaining them
+        in place, with the same executable, is what a kernel exploit or a
+        credential overwrite does. Needs the history the A-VM keeps per C-VM:
+        the first round only records.
+        """
+        start_off = ctx.profile.offset("task_struct", "start_time")
+        before: dict[str, list[Any]] = ctx.history.get(self.id, {})
+        now: dict[str, list[Any]] = {}
+        out = []
+        for t, _, _ in _processes(ctx):
+            key = f"{t.pid}:{ctx.mem.u64(t.address + start_off)}"
+            now[key] = [t.uid, t.euid, t.exe]
+            prev = before.get(key)
+            if prev is None or prev[2] != t.exe:
+                continue  # new, or it ran execve since: the exec is what other checks judge
+            if (t.euid == 0 and prev[1] != 0) or (t.uid == 0 and prev[0] != 0):
+                out.append(self.finding(
+                    f"{t.comm} ({t.pid}) became root (uid {prev[0]}->{t.uid}, euid "
+                    f"{prev[1]}->{t.euid}) without executing a new program",
+                    process=_who(t), before={"uid": prev[0], "euid": prev[1]}))
+                now[key] = prev  # keep judging against what it was: the finding stays
+        ctx.updates[self.id] = now
         return out
