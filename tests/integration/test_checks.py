@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +312,12 @@ def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: Gue
     sh(lab_manager, lab, "cp /bin/busybox /tmp/evil")
     sh(lab_manager, lab, "/tmp/evil sleep 5555 >/dev/null 2>&1 &")
     try:
-        hits = findings(round_(mem, baseline, policy, "process.code"), "process.code")
+        deadline = time.monotonic() + 10  # the background exec may not have happened yet
+        while True:
+            hits = findings(round_(mem, baseline, policy, "process.code"), "process.code")
+            if hits or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert [f["evidence"]["exe"] for f in hits] == ["/tmp/evil"]
     finally:
         kill_tagged(lab_manager, lab, "sleep", "5555")
