@@ -1,0 +1,104 @@
+# -*- coding: utf-8 -*-
+# Copyright: VIMS developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Filters over VIMS reports (vims.attestation.vmi_check) and verdicts (attest).
+
+The selections are JMESPath expressions, the same language the REM-S's verdict
+rules use, so a play and a REM-S policy can say the same thing the same way.
+"""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleFilterError
+from ansible.module_utils.common.text.converters import to_native
+
+try:
+    import jmespath
+except ImportError:
+    HAS_JMESPATH = False
+else:
+    HAS_JMESPATH = True
+
+# AR4SI tiers (draft-ietf-rats-ar4si): the worst claim decides the tier.
+TIERS = ((96, "contraindicated"), (32, "warning"), (2, "affirming"))
+SEVERITIES = ("critical", "high", "medium", "low", "info")
+
+FAILED_CHECKS = "checks[?status != 'pass'].id"
+FINDINGS_BY_SEVERITY = "findings[?severity == `{0}`]"
+
+
+def _search(expression, data, what):
+    if not HAS_JMESPATH:
+        raise AnsibleFilterError("the vims.attestation filters need the Python library "
+                                 "jmespath on the controller")
+    if not isinstance(data, dict):
+        raise AnsibleFilterError("%s expects a dict (a VIMS %s), got %s"
+                                 % (what, "report" if what != "trust_tier" else "verdict",
+                                    type(data).__name__))
+    try:
+        return jmespath.search(expression, data)
+    except jmespath.exceptions.JMESPathError as exc:
+        raise AnsibleFilterError("%s: %s" % (what, to_native(exc)))
+
+
+def _report(data):
+    """A vmi_check result, an attest result or a bare report: the report inside."""
+    if isinstance(data, dict) and isinstance(data.get("report"), dict):
+        return data["report"]
+    return data
+
+
+def failed_checks(data):
+    """Ids of the checks whose status is not pass."""
+    return _search(FAILED_CHECKS, _report(data), "failed_checks") or []
+
+
+def findings_by_severity(data, severity="critical"):
+    """The findings of one severity (critical, high, medium, low, info)."""
+    if severity not in SEVERITIES:
+        raise AnsibleFilterError("findings_by_severity: severity must be one of %s, got %r"
+                                 % (", ".join(SEVERITIES), severity))
+    return _search(FINDINGS_BY_SEVERITY.format(_json_literal(severity)),
+                   _report(data), "findings_by_severity") or []
+
+
+def trust_tier(data):
+    """The AR4SI tier of a verdict or trust vector: affirming, warning, contraindicated
+    or none (no claim made)."""
+    if isinstance(data, dict) and "vector" in data:
+        data = data["vector"]
+    values = _search("values(@)", data if isinstance(data, dict) else None, "trust_tier") or []
+    try:
+        worst = max([int(v) for v in values if v is not None] or [0])
+    except (TypeError, ValueError):
+        raise AnsibleFilterError("trust_tier: trust vector values must be integers")
+    for floor, name in TIERS:
+        if worst >= floor:
+            return name
+    return "none"
+
+
+def untrusted(results):
+    """From a list of attest results (a looped task's .results), the untrusted C-VMs."""
+    if not isinstance(results, list):
+        raise AnsibleFilterError("untrusted expects a list of attest results")
+    return [r.get("cvm") or r.get("item") for r in results
+            if isinstance(r, dict) and r.get("trusted") is not True]
+
+
+def _json_literal(text):
+    import json
+
+    return json.dumps(text)
+
+
+class FilterModule(object):
+    def filters(self):
+        return {
+            "failed_checks": failed_checks,
+            "findings_by_severity": findings_by_severity,
+            "trust_tier": trust_tier,
+            "untrusted": untrusted,
+        }
