@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,21 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> flo
             return time.monotonic() - start
         time.sleep(step)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextmanager
+def kexec_load_hooked(lab: Lab, lab_manager: LabManager, profile_path: Path) -> Iterator[None]:
+    """A rootkit hooks a system call in the running C-VM (the guest runs meanwhile)."""
+    with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path)) as mem:
+        slot = mem.sym("sys_call_table") + KEXEC_LOAD * 8
+        original = mem.read(slot, 8)
+        with lab_manager.paused(lab.name):
+            mem.write(slot, mem.read(mem.sym("sys_call_table") + 39 * 8, 8))
+        try:
+            yield
+        finally:
+            with lab_manager.paused(lab.name):
+                mem.write(slot, original)
 
 
 @pytest.fixture
@@ -96,19 +112,10 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
 
     wait_for(through_gate, 60, step=0.5)  # attested, clean: allowed
 
-    # A rootkit hooks a system call in the running C-VM.
-    with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path)) as mem:
-        slot = mem.sym("sys_call_table") + KEXEC_LOAD * 8
-        original = mem.read(slot, 8)
-        with lab_manager.paused(lab.name):
-            mem.write(slot, mem.read(mem.sym("sys_call_table") + 39 * 8, 8))
-        try:
-            denied_after = wait_for(lambda: not through_gate(), INTERVAL + 1 + 3, step=0.2)
-            assert denied_after <= INTERVAL + 1 + 1.5  # + the wget round trip itself
-            assert dep.decision() == 403
-        finally:
-            with lab_manager.paused(lab.name):
-                mem.write(slot, original)
+    with kexec_load_hooked(lab, lab_manager, profile_path):
+        denied_after = wait_for(lambda: not through_gate(), INTERVAL + 1 + 3, step=0.2)
+        assert denied_after <= INTERVAL + 1 + 1.5  # + the wget round trip itself
+        assert dep.decision() == 403
     assert wait_for(through_gate, 15, step=0.3) <= INTERVAL + 8  # clean again: allowed again
 
     # The A-VM dies: no fresh reports, the verdict lapses, the gate fails closed.
@@ -139,3 +146,38 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
                             "--config", str(dep.rems_config)], capture_output=True, text=True,
                            check=False)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_attest_on_demand_sees_an_attack_before_the_next_scheduled_round(
+        lab: Lab, lab_manager: LabManager, profile_path: Path,
+        deployment: LabDeployment) -> None:
+    """POST /v1/attest: a fresh, quoted round now, whatever the policy's intervals."""
+    dep = deployment
+    dep.start_rems()
+    slow = {"checks": [{"id": c, "interval_s": 600} for c in ALL_CHECKS], "quote_every": 50}
+    assert dep.put("/v1/policies/slow", json.dumps(slow).encode()) == 200
+    assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "slow"}') == 200
+    assert dep.call("POST", "/v1/attest/nosuchcvm")[0] == 404
+    assert dep.call("POST", f"/v1/attest/{dep.cvm}")[0] == 503  # no A-VM yet
+    dep.start_avm()
+    wait_for(lambda: dep.decision() == 200, 60, step=0.3)  # the first scheduled round
+
+    status, body = dep.call("POST", f"/v1/attest/{dep.cvm}", b'{"timeout_s": 30}', timeout=40)
+    assert status == 200, body
+    clean = json.loads(body)
+    assert clean["trusted"] is True
+    assert clean["status"] == "affirming"
+    assert clean["report"]["seq"] == 2  # answered by a new report, not the last stored one
+    assert clean["report"]["result"] == "pass"
+    assert clean["claims"]["submods"][dep.cvm]["ear.status"] == "affirming"
+    assert dep.call("POST", f"/v1/attest/{dep.cvm}", token="x" * 20)[0] == 401
+
+    with kexec_load_hooked(lab, lab_manager, profile_path):
+        assert dep.decision() == 200  # the scheduled verdict still stands (600 s rounds)
+        status, body = dep.call("POST", f"/v1/attest/{dep.cvm}", timeout=40)
+        attacked = json.loads(body)
+        assert status == 200, body
+        assert attacked["trusted"] is False
+        assert attacked["report"]["seq"] == 3
+        assert {f["check"] for f in attacked["report"]["findings"]} == {"kernel.syscall_table"}
+        assert dep.decision() == 403  # the gate follows the fresh verdict at once

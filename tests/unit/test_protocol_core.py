@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from vims.protocol.core import Role, State, VerificationResult, next_state
+from vims.protocol.core import (
+    MAX_PENDING_ROUNDS,
+    Role,
+    State,
+    VerificationResult,
+    next_state,
+)
 from vims.protocol.events import (
     ConnectionClosed,
     HandshakeComplete,
@@ -19,6 +25,7 @@ from vims.protocol.events import (
     ProtocolError,
     ReportAcked,
     ReportReceived,
+    RoundRequested,
 )
 from vims.protocol.framing import HEADER, FrameDecoder, FrameError, encode_frame
 from vims.protocol.messages import (
@@ -26,9 +33,11 @@ from vims.protocol.messages import (
     ChainHead,
     ErrorMessage,
     Report,
+    RoundRequest,
     canonical_json,
     decode_message,
     encode_message,
+    quote_qualifying_data,
     report_digest,
 )
 from vims.protocol.testing import FakeVtpm, Pair, default_policy
@@ -379,3 +388,89 @@ def test_diverged_chain_on_resume() -> None:
     pair.ledger.advance("avm-1", "web", ChainHead(seq=1, digest=report_digest(other).hex()))
     pair.reconnect()
     assert "resume_diverged" in errors(pair.avm_events)
+
+
+# --- on-demand rounds (RoundRequest) ---------------------------------------------
+
+
+def _requested(pair: Pair) -> list[RoundRequested]:
+    return [e for e in pair.avm_events if isinstance(e, RoundRequested)]
+
+
+def test_requested_round_is_quoted_over_its_own_nonce() -> None:
+    pair = active_pair(policy=default_policy(quote_every=100))
+    request_id = pair.rems.request_round("db", pair.clock.now)
+    pair.pump()
+    assert _requested(pair) == [RoundRequested(request_id, "db")]
+    quotes_before = pair.vtpm.quotes
+    pair.avm.send_report("db", {"fresh": True}, pair.clock.now, request_id=request_id)
+    pair.pump()
+    got = [e for e in pair.rems_events if isinstance(e, ReportReceived)]
+    assert [(e.cvm, e.request_id, e.quoted) for e in got] == [("db", request_id, True)]
+    assert pair.vtpm.quotes == quotes_before + 1
+    # The next ordinary report is not quoted again (quote_every=100) and is no answer.
+    pair.report("db")
+    last = [e for e in pair.rems_events if isinstance(e, ReportReceived)][-1]
+    assert (last.seq, last.quoted, last.request_id) == (2, False, None)
+
+
+@pytest.mark.parametrize(("cvm", "quoted_over", "code"), [
+    ("web", "session_nonce", "quote_invalid"),  # proves nothing about this request
+    ("web", None, "quote_missing"),
+    ("db", "request_nonce", "round_mismatch"),
+])
+def test_bad_answers_to_a_round_request_are_refused(cvm: str, quoted_over: str | None,
+                                                      code: str) -> None:
+    pair = active_pair(policy=default_policy(quote_every=100))
+    request_id = pair.rems.request_round("web", pair.clock.now)
+    pair.pump()
+    report = Report(cvm=cvm, seq=1, prev_hash=ZERO_HASH, body={}, request_id=request_id)
+    if quoted_over is not None:
+        nonce = pair.rems._nonce if quoted_over == "session_nonce" else pair.rems._rounds[
+            request_id][1]
+        quote = pair.vtpm.quote(quote_qualifying_data(nonce, report_digest(report)))
+        report = report.model_copy(update={"quote": quote})
+    pair.rems.receive_data(encode_frame(encode_message(report)), pair.clock.now)
+    assert_refused(pair, code)
+
+
+def test_round_requests_are_bounded_and_checked() -> None:
+    pair = active_pair()
+    with pytest.raises(ValueError, match="not guarded"):
+        pair.rems.request_round("other", pair.clock.now)
+    with pytest.raises(ValueError, match="no pending round request"):
+        pair.avm.send_report("web", {}, pair.clock.now, request_id="00" * 8)
+    for _ in range(MAX_PENDING_ROUNDS):
+        pair.rems.request_round("web", pair.clock.now)
+    with pytest.raises(RuntimeError, match="already pending"):
+        pair.rems.request_round("web", pair.clock.now)
+    pair.pump()
+    assert len(_requested(pair)) == MAX_PENDING_ROUNDS
+    # A REM-S that floods the A-VM anyway is cut off by the A-VM.
+    flood = RoundRequest(request_id="ff" * 8, cvm="web", nonce="11" * 32)
+    pair.avm.receive_data(encode_frame(encode_message(flood)), pair.clock.now)
+    assert pair.avm.state is State.CLOSED
+    assert "too_many_rounds" in errors(list(pair.avm.events()))
+
+
+def test_request_from_a_lost_connection_is_an_ordinary_report_after_reconnect() -> None:
+    pair = active_pair(policy=default_policy(quote_every=100))
+    request_id = pair.rems.request_round("web", pair.clock.now)
+    pair.pump()
+    pair.drop()
+    pair.avm.send_report("web", {"late": True}, pair.clock.now, request_id=request_id)
+    pair.reconnect()
+    got = [e for e in pair.rems_events if isinstance(e, ReportReceived)]
+    assert [(e.seq, e.request_id, e.quoted) for e in got] == [(1, None, False)]
+    assert pair.rems.state is State.ACTIVE
+
+
+def test_round_request_before_active_is_refused_by_the_avm() -> None:
+    pair = Pair()
+    pair.avm.connect(pair.clock.now)
+    flood = RoundRequest(request_id="ab" * 8, cvm="web", nonce="11" * 32)
+    pair.avm.receive_data(encode_frame(encode_message(flood)), pair.clock.now)
+    assert pair.avm.state is State.CLOSED
+    assert "unexpected_message" in errors(list(pair.avm.events()))
+    with pytest.raises(RuntimeError, match="ACTIVE"):
+        Pair().rems.request_round("web", 0.0)

@@ -27,7 +27,13 @@ from vims.checks.cli import lab_pauser
 from vims.checks.runner import run_round
 from vims.protocol.chain import OutboxFull, ReportOutbox
 from vims.protocol.core import AvmConnection
-from vims.protocol.events import ConnectionClosed, Event, PolicyReceived, ProtocolError
+from vims.protocol.events import (
+    ConnectionClosed,
+    Event,
+    PolicyReceived,
+    ProtocolError,
+    RoundRequested,
+)
 from vims.protocol.messages import Capabilities, PolicySpec
 from vims.protocol.pki import client_context
 from vims.protocol.transport import Session, connect
@@ -78,6 +84,7 @@ class Agent:
         self.vtpm = VtpmEvidence(config.tpm_tcti)
         self.vtpm.measure_launch(self._launch_items())
         self._tasks: list[asyncio.Task[None]] = []
+        self._rounds: set[asyncio.Task[None]] = set()  # on-demand rounds survive policy updates
 
     def _launch_items(self) -> list[tuple[str, str, bytes]]:
         items = [("agent-code", "vims runtime sources", agent_code_digest()),
@@ -110,8 +117,8 @@ class Agent:
                 self._tasks.append(asyncio.create_task(
                     self._check_loop(session, target, interval, ids)))
 
-    def _cancel(self) -> None:
-        for task in self._tasks:
+    def _cancel(self, rounds: bool = False) -> None:
+        for task in [*self._tasks, *(self._rounds if rounds else ())]:
             task.cancel()
         self._tasks.clear()
 
@@ -126,14 +133,29 @@ class Agent:
                 log.error("REM-S is not acknowledging: outbox full for %s", target.cfg.name)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - start)))
 
+    async def _requested_round(self, session: Session, event: RoundRequested) -> None:
+        """A round the REM-S asked for: every check of the policy, answered at once."""
+        policy = session.conn.policy
+        ids = [c.id for c in policy.checks if c.id in ALL_CHECKS] if policy else list(ALL_CHECKS)
+        report = await asyncio.to_thread(self.targets[event.cvm].check, ids)
+        try:
+            session.send_report(event.cvm, report, event.request_id)
+        except (OutboxFull, ValueError) as exc:
+            log.error("cannot answer round request %s: %s", event.request_id, exc)
+
     def _on_event(self, session: Session, event: Event) -> None:
         if isinstance(event, PolicyReceived):
             log.info("policy %s v%s received", event.policy.policy_id, event.policy.version)
             self._schedule(session, event.policy)
+        elif isinstance(event, RoundRequested):
+            log.info("round requested for %s (%s)", event.cvm, event.request_id)
+            task = asyncio.create_task(self._requested_round(session, event))
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
         elif isinstance(event, ProtocolError):
             log.warning("protocol error %s: %s", event.code, event.message)
         elif isinstance(event, ConnectionClosed):
-            self._cancel()
+            self._cancel(rounds=True)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         host, port = self.config.rems.rsplit(":", 1)
@@ -150,7 +172,7 @@ class Agent:
             except (TimeoutError, OSError) as exc:
                 log.warning("REM-S %s unreachable: %s", self.config.rems, exc)
             finally:
-                self._cancel()
+                self._cancel(rounds=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.reconnect_max_s)
 

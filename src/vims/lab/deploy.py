@@ -84,16 +84,20 @@ class LabDeployment:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
-    def put(self, path: str, body: bytes) -> int:
-        req = urllib.request.Request(self.http_url + path, data=body, method="PUT", headers={
-            "Authorization": f"Bearer {self.admin_token}",
+    def call(self, method: str, path: str, body: bytes = b"{}", timeout: float = 10.0,
+             token: str | None = None) -> tuple[int, bytes]:
+        """An operator's API call (bearer token): status and body, errors included."""
+        req = urllib.request.Request(self.http_url + path, data=body, method=method, headers={
+            "Authorization": f"Bearer {token if token is not None else self.admin_token}",
             "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                status: int = r.status
-                return status
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return int(r.status), r.read()
         except urllib.error.HTTPError as e:
-            return e.code
+            return e.code, e.read()
+
+    def put(self, path: str, body: bytes) -> int:
+        return self.call("PUT", path, body)[0]
 
     def decision(self) -> int:
         try:

@@ -84,7 +84,7 @@ class ReportOutbox:
     def _chain(self, cvm: str) -> _CvmChain:
         return self._chains.setdefault(cvm, _CvmChain())
 
-    def append(self, cvm: str, body: dict[str, Any]) -> Report:
+    def append(self, cvm: str, body: dict[str, Any], request_id: str | None = None) -> Report:
         """Give *body* the next seq and the chain's prev_hash; keep it until acked.
 
         Raises pydantic's ValidationError for an invalid cvm or body, and
@@ -94,7 +94,8 @@ class ReportOutbox:
         if len(chain.unacked) >= self.max_unacked:
             raise OutboxFull(f"{len(chain.unacked)} unacknowledged reports for {cvm}")
         report = Report(
-            cvm=cvm, seq=chain.next_seq, prev_hash=chain.last_digest.hex(), body=body
+            cvm=cvm, seq=chain.next_seq, prev_hash=chain.last_digest.hex(), body=body,
+            request_id=request_id,
         )
         digest = report_digest(report)
         chain.unacked.append(_Pending(report, digest))

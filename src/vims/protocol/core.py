@@ -33,6 +33,7 @@ from vims.protocol.events import (
     ProtocolError,
     ReportAcked,
     ReportReceived,
+    RoundRequested,
 )
 from vims.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 from vims.protocol.messages import (
@@ -54,6 +55,7 @@ from vims.protocol.messages import (
     Quote,
     Report,
     ReportAck,
+    RoundRequest,
     decode_message,
     encode_message,
     policy_digest,
@@ -77,6 +79,9 @@ __all__ = [
 ]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+# Round requests awaiting their report, per connection: each costs the A-VM a full
+# round, so a REM-S (or a peer) cannot queue unbounded work.
+MAX_PENDING_ROUNDS = 16
 DEFAULT_TIMEOUT_FACTOR = 3.0
 
 
@@ -111,6 +116,7 @@ def _build_table() -> dict[tuple[Role, State, str], State]:
         (a, s.EVIDENCE_SENT, "policy"): s.ACTIVE,
         (a, s.ACTIVE, "policy_update"): s.ACTIVE,
         (a, s.ACTIVE, "report_ack"): s.ACTIVE,
+        (a, s.ACTIVE, "round_request"): s.ACTIVE,
         (r, s.AWAIT_HELLO, "hello"): s.CHALLENGE_SENT,
         (r, s.CHALLENGE_SENT, "evidence"): s.POLICY_SENT,
         (r, s.POLICY_SENT, "policy_ack"): s.ACTIVE,
@@ -373,6 +379,7 @@ class AvmConnection(_Endpoint):
         self._policy: PolicySpec | None = None
         self._sent_upto: dict[str, int] = {}
         self._unquoted: dict[str, int] = {}
+        self._rounds: dict[str, bytes] = {}  # request_id -> nonce, asked on this connection
 
     @property
     def policy(self) -> PolicySpec | None:
@@ -384,16 +391,22 @@ class AvmConnection(_Endpoint):
         self._started = self._last_rx = now
         self._send(self._hello, now)
 
-    def send_report(self, cvm: str, body: dict[str, Any], now: float) -> Report:
+    def send_report(self, cvm: str, body: dict[str, Any], now: float,
+                    request_id: str | None = None) -> Report:
         """Chain *body* into *cvm*'s outbox and transmit it if the channel is ACTIVE.
 
-        Raises ValueError for a C-VM not named in the hello (the REM-S would
-        refuse it), pydantic's ValidationError for an invalid body and
-        :class:`~vims.protocol.chain.OutboxFull` when acks stopped coming.
+        ``request_id`` marks the report that answers a :class:`RoundRequested`;
+        it is then quoted over that request's nonce. Raises ValueError for a
+        C-VM not named in the hello (the REM-S would refuse it) or a request
+        this connection was not asked, pydantic's ValidationError for an
+        invalid body and :class:`~vims.protocol.chain.OutboxFull` when acks
+        stopped coming.
         """
         if cvm not in self._hello.cvms:
             raise ValueError(f"C-VM {cvm!r} is not guarded by this A-VM")
-        report = self.outbox.append(cvm, body)
+        if request_id is not None and request_id not in self._rounds:
+            raise ValueError(f"no pending round request {request_id!r} on this connection")
+        report = self.outbox.append(cvm, body, request_id)
         if self._state is State.ACTIVE:
             self._flush_reports(now)
         return report
@@ -404,7 +417,17 @@ class AvmConnection(_Endpoint):
             "policy": self._on_policy,
             "policy_update": self._on_policy_update,
             "report_ack": self._on_report_ack,
+            "round_request": self._on_round_request,
         }
+
+    def _on_round_request(self, msg: RoundRequest, now: float) -> None:
+        del now
+        if msg.cvm not in self._hello.cvms:
+            raise _ProtocolViolation("unknown_cvm", f"{msg.cvm} was not named in the hello")
+        if msg.request_id in self._rounds or len(self._rounds) >= MAX_PENDING_ROUNDS:
+            raise _ProtocolViolation("too_many_rounds", "duplicate or too many round requests")
+        self._rounds[msg.request_id] = bytes.fromhex(msg.nonce)
+        self._events.append(RoundRequested(msg.request_id, msg.cvm))
 
     def _on_challenge(self, msg: Challenge, now: float) -> None:
         for cvm in self._hello.cvms:
@@ -461,10 +484,13 @@ class AvmConnection(_Endpoint):
             for stored, digest in self.outbox.unacked_after(cvm, sent):
                 report = stored
                 unquoted = self._unquoted.get(cvm, 0)
-                # Same counter rule as the REM-S: every quote_every-th report is quoted.
-                if unquoted + 1 >= self._policy.quote_every:
+                # A requested round is quoted over its own nonce; otherwise the same
+                # counter rule as the REM-S: every quote_every-th report is quoted.
+                round_nonce = self._rounds.pop(report.request_id or "", None)
+                if round_nonce is not None or unquoted + 1 >= self._policy.quote_every:
                     try:
-                        quote = self._quote_report(quote_qualifying_data(self._nonce, digest))
+                        quote = self._quote_report(
+                            quote_qualifying_data(round_nonce or self._nonce, digest))
                     except Exception as exc:  # noqa: BLE001 - the report stays in the outbox
                         self._fail("quote_unavailable", f"{type(exc).__name__}: {exc}", now)
                         return
@@ -517,6 +543,7 @@ class RemsConnection(_Endpoint):
         self._policy: PolicySpec | None = None  # the acknowledged policy
         self._pending: deque[tuple[PolicySpec, str]] = deque()  # sent, not acked
         self._unquoted: dict[str, int] = {}
+        self._rounds: dict[str, tuple[str, bytes]] = {}  # request_id -> (cvm, nonce)
 
     @property
     def hello(self) -> Hello | None:
@@ -534,6 +561,25 @@ class RemsConnection(_Endpoint):
         digest = policy_digest(spec)
         self._pending.append((spec, digest))
         self._send(PolicyUpdate(policy=spec, digest=digest), now)
+
+    def request_round(self, cvm: str, now: float) -> str:
+        """Ask the A-VM for a fresh, quoted round of *cvm*; returns the request id.
+
+        The answer arrives as a :class:`ReportReceived` carrying that id. Raises
+        RuntimeError when the channel is not ACTIVE or too many requests are
+        pending, ValueError for a C-VM this A-VM does not guard.
+        """
+        if self._state is not State.ACTIVE or self._hello is None:
+            raise RuntimeError("round requests need an ACTIVE connection")
+        if cvm not in self._hello.cvms:
+            raise ValueError(f"C-VM {cvm!r} is not guarded by A-VM {self._hello.avm_id}")
+        if len(self._rounds) >= MAX_PENDING_ROUNDS:
+            raise RuntimeError(f"{MAX_PENDING_ROUNDS} round requests already pending")
+        request_id = self._nonce_source(8).hex()
+        nonce = self._nonce_source(NONCE_BYTES)
+        self._rounds[request_id] = (cvm, nonce)
+        self._send(RoundRequest(request_id=request_id, cvm=cvm, nonce=nonce.hex()), now)
+        return request_id
 
     def _handlers(self) -> dict[str, Callable[[Any, float], None]]:
         return {
@@ -612,9 +658,19 @@ class RemsConnection(_Endpoint):
         if msg.prev_hash != head.digest:
             raise _ProtocolViolation("chain_broken", f"{cvm} seq {msg.seq}: prev_hash mismatch")
         digest = report_digest(msg)
+        # A report answering one of this connection's round requests must be quoted
+        # over that request's nonce; an id from an earlier connection is just a report.
+        round_ = self._rounds.get(msg.request_id or "")
+        if round_ is not None:
+            if round_[0] != cvm:
+                raise _ProtocolViolation("round_mismatch", f"round request was for {round_[0]}")
+            if msg.quote is None:
+                raise _ProtocolViolation("quote_missing", "a requested round must be quoted")
+            del self._rounds[msg.request_id or ""]
         if msg.quote is not None:
             try:
-                result = self._verify_report_quote(self._nonce, digest, msg.quote)
+                result = self._verify_report_quote(
+                    round_[1] if round_ else self._nonce, digest, msg.quote)
             except Exception as exc:  # noqa: BLE001 - see _on_evidence
                 result = VerificationResult(False, f"verifier error: {type(exc).__name__}: {exc}")
             if not result.ok:
@@ -638,6 +694,7 @@ class RemsConnection(_Endpoint):
                 digest=digest.hex(),
                 quoted=msg.quote is not None,
                 body=msg.body,
+                request_id=msg.request_id if round_ is not None else None,
             )
         )
         self._send(ReportAck(cvm=cvm, seq=msg.seq), now)

@@ -24,6 +24,7 @@ __all__ = [
     "ProtocolError",
     "ReportAcked",
     "ReportReceived",
+    "RoundRequested",
 ]
 
 
@@ -66,6 +67,15 @@ class ReportReceived:
     digest: str
     quoted: bool
     body: dict[str, Any] = field(repr=False)
+    request_id: str | None = None  # set when it answers this connection's RoundRequest
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRequested:
+    """A-VM: the REM-S wants a fresh full round of *cvm* now (answer with its request_id)."""
+
+    request_id: str
+    cvm: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,7 @@ Event = (
     | PolicyAcked
     | ReportReceived
     | ReportAcked
+    | RoundRequested
     | HeartbeatDue
     | HeartbeatReceived
     | PeerTimeout

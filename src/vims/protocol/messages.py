@@ -59,6 +59,7 @@ __all__ = [
     "Quote",
     "Report",
     "ReportAck",
+    "RoundRequest",
     "canonical_json",
     "decode_message",
     "encode_message",
@@ -86,6 +87,7 @@ CheckId = Annotated[
 ]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 NonceHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+RequestId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")]
 DigestHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{40,128}$")]
 PcrIndex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9]|1[0-9]|2[0-3])$")]
 PcrBank = Literal["sha1", "sha256", "sha384", "sha512"]
@@ -287,6 +289,8 @@ class Report(_Message):
     prev_hash: Sha256Hex
     body: dict[str, Any]
     quote: Quote | None = None
+    # Set on the report that answers a RoundRequest; covered by the report digest.
+    request_id: RequestId | None = None
 
     @field_validator("body")
     @classmethod
@@ -298,6 +302,19 @@ class Report(_Message):
         if size > MAX_REPORT_BODY:
             raise ValueError(f"body is {size} bytes, limit {MAX_REPORT_BODY}")
         return value
+
+
+class RoundRequest(_Message):
+    """REM-S -> A-VM once active: run a full round on *cvm* now and quote it over *nonce*.
+
+    The answer is the next report of that C-VM carrying ``request_id``; its quote
+    covers SHA256(nonce || report digest), so it proves the report is fresh.
+    """
+
+    type: Literal["round_request"] = "round_request"
+    request_id: RequestId
+    cvm: Id
+    nonce: NonceHex
 
 
 class ReportAck(_Message):
@@ -338,6 +355,7 @@ Message = Annotated[
     | PolicyUpdate
     | Report
     | ReportAck
+    | RoundRequest
     | Heartbeat
     | ErrorMessage
     | Bye,

@@ -50,12 +50,21 @@ class Session:
     def now(self) -> float:
         return self._clock()
 
-    def send_report(self, cvm: str, body: dict[str, object]) -> None:
+    def send_report(self, cvm: str, body: dict[str, object],
+                    request_id: str | None = None) -> None:
         """A-VM: queue a report (see :meth:`AvmConnection.send_report`) and flush."""
         if not isinstance(self.conn, AvmConnection):
             raise TypeError("only an A-VM session sends reports")
-        self.conn.send_report(cvm, body, self.now())
+        self.conn.send_report(cvm, body, self.now(), request_id)
         self._wake.set()
+
+    def request_round(self, cvm: str) -> str:
+        """REM-S: ask for a fresh round (see :meth:`RemsConnection.request_round`)."""
+        if not isinstance(self.conn, RemsConnection):
+            raise TypeError("only a REM-S session requests rounds")
+        request_id = self.conn.request_round(cvm, self.now())
+        self._wake.set()
+        return request_id
 
     def poke(self) -> None:
         """Flush after the application called the core directly (e.g. update_policy)."""

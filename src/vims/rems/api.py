@@ -11,10 +11,13 @@ import hmac
 import html
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query
+import jwt
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from vims import __version__
 from vims.rems import ear
@@ -26,6 +29,23 @@ CHECK_ID = re.compile(r"^[a-z]+\.[a-z_]+$")
 MAX_POLICY_CHECKS = 64
 
 CvmName = Annotated[str, Path(pattern=NAME, description="C-VM name")]
+
+
+class AttestFailed(Exception):
+    """An on-demand round could not be had; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AttestRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+
+Attester = Callable[[str, float], Awaitable[Any]]
+"""``attest(cvm, timeout_s)``: run a fresh round; its result is the verified report event."""
 
 
 def validate_policy(body: dict[str, Any]) -> None:
@@ -42,7 +62,8 @@ def validate_policy(body: dict[str, Any]) -> None:
     VerdictPolicy.from_dict({"name": body.get("name", "policy"), **body.get("verdict", {})})
 
 
-def create_app(service: RemsService, admin_token: str) -> FastAPI:
+def create_app(service: RemsService, admin_token: str,
+               attest: Attester | None = None) -> FastAPI:
     app = FastAPI(title="VIMS REM-S", version=__version__,
                   description="Verdicts on C-VMs from A-VM introspection reports.")
 
@@ -61,6 +82,31 @@ def create_app(service: RemsService, admin_token: str) -> FastAPI:
         if d.allowed and d.ear:
             return PlainTextResponse(d.ear, headers=headers, media_type="application/jwt")
         return PlainTextResponse(d.reason, status_code=403, headers=headers)
+
+    @app.post("/v1/attest/{cvm}", dependencies=[Depends(require_admin)],
+              responses={404: {"description": "unknown C-VM"},
+                         503: {"description": "no A-VM connected for it"},
+                         504: {"description": "no fresh report in time"}})
+    async def attest_now(cvm: CvmName,
+                         body: Annotated[AttestRequest | None, Body()] = None) -> dict[str, Any]:
+        """Attest on demand: a fresh round (new nonce, full report, quote), then the verdict."""
+        if attest is None:
+            raise HTTPException(503, "this REM-S has no control channel")
+        try:
+            answer = await attest(cvm, (body or AttestRequest()).timeout_s)
+        except AttestFailed as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        d = service.decision(cvm)
+        v = service.store.verdict(cvm) or {}
+        try:
+            claims = ear.verify(d.ear, service.key.public_key()) if d.ear else {}
+        except jwt.InvalidTokenError:  # lapsed since: the status already says stale
+            claims = {}
+        return {"cvm": cvm, "trusted": d.allowed, "status": d.status, "reason": d.reason,
+                "vector": v.get("vector", {}), "ear": d.ear, "claims": claims,
+                "report": {"seq": answer.seq, "digest": answer.digest,
+                           "result": answer.body.get("result", "error"),
+                           "findings": answer.body.get("findings", [])}}
 
     @app.get("/v1/cvms")
     def cvms() -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from vims.protocol.chain import GENESIS as CHAIN_GENESIS
 from vims.protocol.core import RemsConnection, VerificationResult
-from vims.protocol.events import Event, ReportReceived
+from vims.protocol.events import ConnectionClosed, Event, HandshakeComplete, ReportReceived
 from vims.protocol.messages import (
     ChainHead,
     CheckSpec,
@@ -38,7 +38,7 @@ from vims.protocol.messages import (
 )
 from vims.protocol.pki import server_context
 from vims.protocol.transport import Session, serve
-from vims.rems.api import create_app
+from vims.rems.api import AttestFailed, create_app
 from vims.rems.config import RemsConfig
 from vims.rems.service import RemsService
 from vims.rems.store import Store
@@ -100,8 +100,9 @@ class RemsServer:
         self.service = RemsService(self.store, load_or_create_key(config.signing_key),
                                    verdict_ttl=config.verdict_ttl_s)
         self.ledger = StoreLedger(self.store)
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # C-VM -> the channel of the A-VM guarding it
         self._trusted: dict[str, bool] = {}
+        self._rounds: dict[str, asyncio.Future[ReportReceived]] = {}  # request_id -> answer
 
     # ------------------------------------------------------- appraisal hooks
     def verify_evidence(self, hello: Hello, nonce: bytes, evidence: Evidence,
@@ -160,8 +161,13 @@ class RemsServer:
             ledger=self.ledger, now=now, peer_avm_id=peer_avm_id)
 
     def on_event(self, session: Session, event: Event) -> None:
-        if isinstance(event, ReportReceived):
-            self.sessions[event.avm_id] = session
+        if isinstance(event, HandshakeComplete):
+            for cvm in event.cvms:
+                self.sessions[cvm] = session
+        elif isinstance(event, ConnectionClosed):
+            for cvm in [c for c, s in self.sessions.items() if s is session]:
+                del self.sessions[cvm]
+        elif isinstance(event, ReportReceived):
             try:
                 prev = self.ledger.previous.get((event.avm_id, event.cvm), CHAIN_GENESIS).digest
                 appraisal = self.service.ingest_report(event.avm_id, event.cvm, event.seq,
@@ -171,8 +177,35 @@ class RemsServer:
                 return
             self._notify_if_changed(event.cvm, appraisal.trusted(
                 self.service.verdict_policy(event.cvm)[0]), appraisal.status)
+            waiter = self._rounds.pop(event.request_id or "", None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)  # after storing: the caller reads the new verdict
         else:
             log.debug("event %s", event)
+
+    async def attest(self, cvm: str, timeout_s: float) -> ReportReceived:
+        """A fresh round of *cvm* on demand: new nonce, full report, quote over both.
+
+        Returns once the answering report is verified, stored and appraised, so
+        the caller's next decision reflects it. Raises :class:`AttestFailed`.
+        """
+        session = self.sessions.get(cvm)
+        if session is None:
+            if cvm not in self.store.cvms():
+                raise AttestFailed(404, f"unknown C-VM {cvm}")
+            raise AttestFailed(503, f"no A-VM connected for C-VM {cvm}")
+        try:
+            request_id = session.request_round(cvm)
+        except (RuntimeError, ValueError) as exc:
+            raise AttestFailed(503, str(exc)) from exc
+        waiter: asyncio.Future[ReportReceived] = asyncio.get_running_loop().create_future()
+        self._rounds[request_id] = waiter
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError as exc:
+            raise AttestFailed(504, f"no fresh report of {cvm} within {timeout_s:g} s") from exc
+        finally:
+            self._rounds.pop(request_id, None)
 
     # ----------------------------------------------------------- webhooks
     def _notify_if_changed(self, cvm: str, trusted: bool, status: str) -> None:
@@ -207,7 +240,7 @@ class RemsServer:
         channel = await serve(host, int(port), ctx, self.make_connection, self.on_event)
         http_host, http_port = self.config.http_listen.rsplit(":", 1)
         api = uvicorn.Server(uvicorn.Config(
-            create_app(self.service, self.config.admin_token()), host=http_host,
+            create_app(self.service, self.config.admin_token(), self.attest), host=http_host,
             port=int(http_port), log_level="warning", lifespan="off"))
         log.info("REM-S: channel on %s, HTTP on %s", self.config.channel_listen,
                  self.config.http_listen)
