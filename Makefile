@@ -14,9 +14,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	bash scripts/ansible-checks.sh lint
 
 unit: setup
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	bash scripts/ansible-checks.sh units
 
 test: lint
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
