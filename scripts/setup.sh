@@ -66,14 +66,22 @@ make_venv() {
   echo "$want" >"$stamp"
 }
 
+# The checkout is the collection vims.attestation: ansible.cfg finds it through this link.
+link_collection() {
+  local dir="$CONTROLLER_VENV/collections/ansible_collections/vims"
+  mkdir -p "$dir"
+  [[ "$(readlink "$dir/attestation" 2>/dev/null)" == "$ROOT" ]] || ln -sfn "$ROOT" "$dir/attestation"
+}
+
 case "$WHAT" in
   packages) install_packages ;;
   runtime) make_venv "$RUNTIME_VENV" 3.11 "$ROOT/requirements/runtime.txt" -e "$ROOT" ;;
-  controller) make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt" ;;
+  controller) make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt"; link_collection ;;
   all)
     install_packages
     make_venv "$RUNTIME_VENV" 3.11 "$ROOT/requirements/runtime.txt" -e "$ROOT"
     make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt"
+    link_collection
     ;;
   *) die "unknown target '$WHAT' (all|packages|runtime|controller)" ;;
 esac

@@ -11,6 +11,9 @@ rules use, so a play and a REM-S policy can say the same thing the same way.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.common.text.converters import to_native
 
@@ -33,12 +36,19 @@ def _search(expression, data, what):
     if not HAS_JMESPATH:
         raise AnsibleFilterError("the vims.attestation filters need the Python library "
                                  "jmespath on the controller")
+    if isinstance(data, Mapping) and not isinstance(data, dict):
+        data = dict(data)
     if not isinstance(data, dict):
         raise AnsibleFilterError("%s expects a dict (a VIMS %s), got %s"
                                  % (what, "report" if what != "trust_tier" else "verdict",
                                     type(data).__name__))
     try:
+        # Plain types: jmespath checks exact types, and ansible-core's templating hands
+        # filters tagged/lazy subclasses of dict, list and str.
+        data = json.loads(json.dumps(data, default=to_native))
         return jmespath.search(expression, data)
+    except (TypeError, ValueError) as exc:
+        raise AnsibleFilterError("%s: not JSON data: %s" % (what, to_native(exc)))
     except jmespath.exceptions.JMESPathError as exc:
         raise AnsibleFilterError("%s: %s" % (what, to_native(exc)))
 
@@ -88,9 +98,42 @@ def untrusted(results):
             if isinstance(r, dict) and r.get("trusted") is not True]
 
 
-def _json_literal(text):
-    import json
+def verdict_table(rows):
+    """Lines of a fixed-width table, one per C-VM, from a list of dicts with ``cvm``,
+    ``verdict`` (an attest result) and optionally ``gate`` (an HTTP status); or of
+    the C-VMs' hostvars after playbooks/attest.yml (``cvm_verdict``, ``cvm_gate``)."""
+    if not isinstance(rows, list):
+        raise AnsibleFilterError("verdict_table expects a list of {cvm, verdict, gate}")
+    lines = ["%-12s %-26s %-16s %-5s %s" % ("C-VM", "verdict", "tier", "gate", "failed checks")]
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise AnsibleFilterError("verdict_table: each row must be a dict")
+        if "verdict" not in row and "inventory_hostname" in row:
+            gate_result = row.get("cvm_gate") or {}
+            row = {"cvm": row["inventory_hostname"], "verdict": row.get("cvm_verdict"),
+                   "gate": gate_result.get("status") if isinstance(gate_result, Mapping) else None}
+        verdict = row.get("verdict") or {}
+        known = isinstance(verdict, Mapping) and isinstance(verdict.get("trusted"), bool)
+        if known:
+            word = "TRUSTED" if verdict["trusted"] else "UNTRUSTED"
+            status = "%s (%s)" % (word, verdict.get("status"))
+            tier = trust_tier(verdict) if isinstance(verdict.get("vector"), dict) else "-"
+            failed = ",".join(failed_checks(verdict)) if isinstance(verdict.get("report"), dict) \
+                and isinstance(verdict["report"].get("checks"), list) else ""
+            if not failed and isinstance(verdict.get("report"), dict):
+                failed = ",".join(sorted(set(
+                    str(f.get("check")) for f in verdict["report"].get("findings") or []
+                    if isinstance(f, dict))))
+        else:
+            status, tier, failed = "NO VERDICT", "-", to_native(verdict.get("msg", ""))[:60] \
+                if isinstance(verdict, Mapping) else ""
+        gate = row.get("gate")
+        lines.append("%-12s %-26s %-16s %-5s %s" % (
+            to_native(row.get("cvm")), status, tier, "-" if gate is None else gate, failed or "-"))
+    return lines
 
+
+def _json_literal(text):
     return json.dumps(text)
 
 
@@ -101,4 +144,5 @@ class FilterModule(object):
             "findings_by_severity": findings_by_severity,
             "trust_tier": trust_tier,
             "untrusted": untrusted,
+            "verdict_table": verdict_table,
         }
