@@ -104,7 +104,7 @@ def verdict_table(rows):
     the C-VMs' hostvars after playbooks/attest.yml (``cvm_verdict``, ``cvm_gate``)."""
     if not isinstance(rows, list):
         raise AnsibleFilterError("verdict_table expects a list of {cvm, verdict, gate}")
-    lines = ["%-12s %-26s %-16s %-5s %s" % ("C-VM", "verdict", "tier", "gate", "failed checks")]
+    lines = ["%-10s %-28s %-16s %-5s %s" % ("C-VM", "verdict", "tier", "gate", "failed checks")]
     for row in rows:
         if not isinstance(row, Mapping):
             raise AnsibleFilterError("verdict_table: each row must be a dict")
@@ -128,7 +128,7 @@ def verdict_table(rows):
             status, tier, failed = "NO VERDICT", "-", to_native(verdict.get("msg", ""))[:60] \
                 if isinstance(verdict, Mapping) else ""
         gate = row.get("gate")
-        lines.append("%-12s %-26s %-16s %-5s %s" % (
+        lines.append("%-10s %-28s %-16s %-5s %s" % (
             to_native(row.get("cvm")), status, tier, "-" if gate is None else gate, failed or "-"))
     return lines
 
