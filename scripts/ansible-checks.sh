@@ -32,8 +32,9 @@ lint() {
   ansible-lint --offline --profile production -q
   log "ansible-galaxy collection build"
   ansible-galaxy collection build --output-path "$scratch/dist" . >/dev/null
-  ansible-galaxy collection install --offline -p "$scratch" "$scratch"/dist/*.tar.gz >/dev/null 2>&1
+  # From here on the built tarball, not the checkout (ansible.cfg links the checkout).
   export ANSIBLE_COLLECTIONS_PATH="$scratch"
+  ansible-galaxy collection install --offline --force -p "$scratch" "$scratch"/dist/*.tar.gz >/dev/null
   log "ansible-doc renders every module and filter"
   local name
   for name in $(ls plugins/modules/*.py | xargs -n1 basename | sed 's/\.py$//'); do
@@ -52,7 +53,7 @@ lint() {
        --test ansible-doc --test pylint --test runtime-metadata --test shebang \
        --test use-argspec-type-path --test replace-urlopen --test no-get-exception \
        --test action-plugin-docs --test empty-init --test line-endings --test no-smart-quotes \
-       plugins/ meta/ $(ls -d roles playbooks 2>/dev/null) 2>&1 |
+       plugins/ meta/ roles/ playbooks/ 2>&1 |
      grep -v -e "WARNING: Location" -e "^Downloading" -e "^Collecting" -e "━━" -e "^Processing" \
              -e "^Looking in" -e "^Using cached" -e "^Installing collected" -e "^Successfully" \
              -e "^  Downloading" -e 'locale "C.UTF-8"' -e "^Installing requirements" -e "previous 1 warning")

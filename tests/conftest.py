@@ -73,6 +73,7 @@ def lab_policy() -> Path:
 
     return Path(str(resources.files("vims.lab") / "policy.json"))
 
+
 # The collection's own unit tests need ansible-core, which lives in the controller
 # venv; scripts/ansible-checks.sh units runs them there.
 collect_ignore = ["unit/plugins"]

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """Syntax check of an xl domain configuration without a running hypervisor.
 
 `xl -N create` needs a running Xen, so the parser xl itself uses (libxlutil's

@@ -58,4 +58,25 @@ def test_untrusted_from_looped_results() -> None:
 
 def test_filters_are_registered() -> None:
     assert set(f.FilterModule().filters()) == {
-        "failed_checks", "findings_by_severity", "trust_tier", "untrusted"}
+        "failed_checks", "findings_by_severity", "trust_tier", "untrusted", "verdict_table"}
+
+
+def test_verdict_table_from_rows_and_from_hostvars() -> None:
+    trusted = {"trusted": True, "status": "affirming", "vector": {"executables": 2},
+               "report": {"result": "pass", "findings": []}}
+    attacked = {"trusted": False, "status": "contraindicated", "vector": {"executables": 96},
+                "report": {"result": "fail", "findings": [
+                    {"check": "kernel.syscall_table", "severity": "critical", "summary": "hook"}]}}
+    lines = f.verdict_table([
+        {"cvm": "cvm1", "verdict": trusted, "gate": 200},
+        {"inventory_hostname": "cvm2", "cvm_verdict": attacked, "cvm_gate": {"status": 403}},
+        {"cvm": "cvm3", "verdict": {"failed": True, "msg": "HTTP 503 no A-VM"}},
+    ])
+    assert lines[0].split() == ["C-VM", "verdict", "tier", "gate", "failed", "checks"]
+    assert lines[1].split() == ["cvm1", "TRUSTED", "(affirming)", "affirming", "200", "-"]
+    assert lines[2].split() == ["cvm2", "UNTRUSTED", "(contraindicated)", "contraindicated",
+                                "403", "kernel.syscall_table"]
+    assert lines[3].split()[:4] == ["cvm3", "NO", "VERDICT", "-"]
+    assert "HTTP 503" in lines[3]
+    with pytest.raises(AnsibleFilterError, match="list"):
+        f.verdict_table({"cvm": "x"})
