@@ -189,7 +189,8 @@ def enroll_all(dep: Deployment, cfg_path: Path, n: int) -> None:
     cfg = load_rems_config(cfg_path)
     store = Store(cfg.database)
     if not dep.ak_pem:
-        dep.ak_pem = enroll(store, avm_name(0), dep.vtpm.attester, cfg.ek_ca_certs).decode()
+        enroll(store, avm_name(0), dep.vtpm.attester, cfg.ek_ca_certs)
+        dep.ak_pem = store.ak_of(avm_name(0)) or ""
     else:
         store.enroll(avm_name(0), dep.ak_pem, dep.ek_cert_pem)
     for i in range(1, n):

@@ -21,6 +21,7 @@ from tests.pg import PrivatePostgres, private_postgres
 # again here so that they run with this module's PostgreSQL ``store`` fixture.
 from tests.unit.test_rems_store import (
     append_concurrently,
+    test_a_batch_is_stored_whole_or_not_at_all,  # noqa: F401
     test_audit_chain_detects_a_removed_entry,  # noqa: F401
     test_audit_chain_verifies_and_detects_tampering,  # noqa: F401
     test_policies_are_versioned_by_content,  # noqa: F401
@@ -57,7 +58,7 @@ def test_migrations_are_idempotent(store: Store, url: str) -> None:
     assert again.get_policy("lab") == (1, {"checks": ["kernel.text"]})
     with again.engine.connect() as conn:
         assert conn.dialect.name == "postgresql"
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     again.close()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from vims.protocol.core import (
     MAX_PENDING_ROUNDS,
+    RemsConnection,
     Role,
     State,
     VerificationResult,
@@ -474,3 +475,23 @@ def test_round_request_before_active_is_refused_by_the_avm() -> None:
     assert "unexpected_message" in errors(list(pair.avm.events()))
     with pytest.raises(RuntimeError, match="ACTIVE"):
         Pair().rems.request_round("web", 0.0)
+
+
+def test_deferred_acks_wait_for_the_application() -> None:
+    """A REM-S that stores asynchronously acks only once the report is stored."""
+    pair = Pair()
+    pair.rems = RemsConnection(
+        verify_evidence=pair.vtpm.verify_evidence, policy_for=lambda hello: pair.policy,
+        verify_report_quote=pair.vtpm.verify_report_quote, ledger=pair.ledger,
+        now=pair.clock.now, defer_acks=True)
+    pair.handshake()
+    pair.report("web")
+    pair.report("web")
+    assert received(pair.rems_events) == [("web", 1), ("web", 2)]
+    assert [r.seq for r, _ in pair.outbox.unacked("web")] == [1, 2]  # not acked yet
+    pair.rems.ack_report("web", 1, pair.clock.now)
+    pair.pump()
+    assert [r.seq for r, _ in pair.outbox.unacked("web")] == [2]
+    pair.drop()  # the connection goes before the second report is stored
+    pair.rems.ack_report("web", 2, pair.clock.now)  # after a close: nobody to tell
+    assert pair.rems.data_to_send() == b""

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, text
 
-from vims.rems.store import GENESIS, DuplicateReport, Store, StoreError
+from vims.rems.store import GENESIS, DuplicateReport, NewReport, NewVerdict, Store, StoreError
 
 
 @pytest.fixture
@@ -23,7 +26,26 @@ def test_migrations_are_idempotent_and_sqlite_runs_in_wal(store: Store, tmp_path
     assert again.get_policy("lab") == (1, {"checks": ["kernel.text"]})
     with again.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+
+
+def test_a_0001_database_upgrades_with_its_verdicts(tmp_path: Path) -> None:
+    """A REM-S database from before lazy EARs keeps its verdicts and takes new ones."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("vims.rems") / "migrations"))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO verdicts VALUES ('old', 'affirming', '{}', 'e.y.z', "
+                          "1.0, 2.0, 7)"))
+    engine.dispose()
+    store = Store(url)
+    assert store.verdict("old") == {"cvm": "old", "status": "affirming", "vector": {},
+                                    "issued_at": 1.0, "expires_at": 2.0, "report_seq": 7}
+    store.put_verdict("new", "warning", {"executables": 32}, 3.0, 4.0, 1)
+    assert store.verdict("new") is not None
 
 
 def test_policies_are_versioned_by_content(store: Store) -> None:
@@ -55,13 +77,35 @@ def test_reports_are_unique_per_sequence(store: Store) -> None:
     assert (check.ok, check.entries) == (True, 3)  # no audit entry for the refused replay
 
 
+def test_a_batch_is_stored_whole_or_not_at_all(store: Store) -> None:
+    digests = store.ingest(
+        [NewReport("a", "avm1", 1, GENESIS, {"result": "pass"}),
+         NewReport("b", "avm1", 1, GENESIS, {"result": "fail"}, digest="ab" * 32),
+         NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})],
+        [NewVerdict("a", "affirming", {"executables": 2}, 1.0, 9.0, 2),
+         NewVerdict("b", "contraindicated", {"executables": 96}, 1.0, 9.0, 1)])
+    assert digests[1] == "ab" * 32
+    assert [r["seq"] for r in store.reports("a")] == [2, 1]
+    assert store.verdict("b")["status"] == "contraindicated"  # type: ignore[index]
+    check = store.verify_audit()
+    assert (check.ok, check.entries) == (True, 5)  # 3 reports + 2 verdicts, one chain
+    # One replayed report in a batch: none of the batch is kept, the chain is intact.
+    with pytest.raises(DuplicateReport, match="already stored"):
+        store.ingest([NewReport("c", "avm1", 1, GENESIS, {"result": "pass"}),
+                      NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})],
+                     [NewVerdict("c", "affirming", {}, 2.0, 9.0, 1)])
+    assert store.reports("c") == []
+    assert store.verdict("c") is None
+    assert store.verify_audit().entries == 5
+
+
 def test_verdicts_upsert(store: Store) -> None:
-    store.put_verdict("cvm1", "affirming", {"executables": 2}, "e.y.z", 10.0, 40.0, 1)
-    store.put_verdict("cvm1", "contraindicated", {"executables": 96}, "e.y.w", 11.0, 41.0, 2)
+    store.put_verdict("cvm1", "affirming", {"executables": 2}, 10.0, 40.0, 1)
+    store.put_verdict("cvm1", "contraindicated", {"executables": 96}, 11.0, 41.0, 2)
     v = store.verdict("cvm1")
     assert v is not None
-    assert (v["status"], v["vector"], v["report_seq"], v["ear"]) == (
-        "contraindicated", {"executables": 96}, 2, "e.y.w")
+    assert (v["status"], v["vector"], v["report_seq"]) == (
+        "contraindicated", {"executables": 96}, 2)
     assert (v["issued_at"], v["expires_at"]) == (11.0, 41.0)
     assert store.verdict("nope") is None
     assert store.cvms() == ["cvm1"]
@@ -70,7 +114,7 @@ def test_verdicts_upsert(store: Store) -> None:
 def test_audit_chain_verifies_and_detects_tampering(store: Store) -> None:
     store.put_policy("lab", {"a": 1})
     store.add_report("cvm1", "avm1", 1, GENESIS, {"result": "pass"})
-    store.put_verdict("cvm1", "affirming", {"executables": 2}, "t", 1.0, 2.0, 1)
+    store.put_verdict("cvm1", "affirming", {"executables": 2}, 1.0, 2.0, 1)
     check = store.verify_audit()
     assert (check.ok, check.entries) == (True, 3)
     with store.engine.begin() as conn:  # an insider edits a verdict's audit entry
@@ -136,8 +180,8 @@ def append_concurrently(url: str, rounds: int = 200) -> None:
                 won += 1
             except DuplicateReport:
                 pass
-            store.put_verdict("shared", "affirming", {"executables": 2}, f"ear{i}",
-                              float(seq), float(seq) + 30, seq)
+            store.put_verdict("shared", "affirming", {"executables": 2}, float(seq),
+                              float(seq) + 30, seq)
         return won
 
     with ThreadPoolExecutor(len(stores)) as pool:  # .result() re-raises a worker's error

@@ -85,6 +85,7 @@ class Agent:
         self.vtpm.measure_launch(self._launch_items())
         self._tasks: list[asyncio.Task[None]] = []
         self._rounds: set[asyncio.Task[None]] = set()  # on-demand rounds survive policy updates
+        self._attested = False  # this connection got through the handshake
 
     def _launch_items(self) -> list[tuple[str, str, bytes]]:
         items = [("agent-code", "vims runtime sources", agent_code_digest()),
@@ -108,11 +109,11 @@ class Agent:
     def _schedule(self, session: Session, policy: PolicySpec) -> None:
         """One task per C-VM and interval: checks with equal intervals share a round."""
         self._cancel()
-        by_interval: dict[float, list[str]] = defaultdict(list)
-        for spec in policy.checks:
-            if spec.id in ALL_CHECKS:
-                by_interval[spec.interval_s].append(spec.id)
-        for target in self.targets.values():
+        for name, target in self.targets.items():
+            by_interval: dict[float, list[str]] = defaultdict(list)
+            for spec in policy.checks:
+                if spec.id in ALL_CHECKS and spec.applies_to(name):
+                    by_interval[spec.interval_s].append(spec.id)
             for interval, ids in by_interval.items():
                 self._tasks.append(asyncio.create_task(
                     self._check_loop(session, target, interval, ids)))
@@ -136,7 +137,8 @@ class Agent:
     async def _requested_round(self, session: Session, event: RoundRequested) -> None:
         """A round the REM-S asked for: every check of the policy, answered at once."""
         policy = session.conn.policy
-        ids = [c.id for c in policy.checks if c.id in ALL_CHECKS] if policy else list(ALL_CHECKS)
+        ids = sorted({c.id for c in policy.checks if c.id in ALL_CHECKS
+                      and c.applies_to(event.cvm)}) if policy else list(ALL_CHECKS)
         report = await asyncio.to_thread(self.targets[event.cvm].check, ids)
         try:
             session.send_report(event.cvm, report, event.request_id)
@@ -145,6 +147,7 @@ class Agent:
 
     def _on_event(self, session: Session, event: Event) -> None:
         if isinstance(event, PolicyReceived):
+            self._attested = True
             log.info("policy %s v%s received", event.policy.policy_id, event.policy.version)
             self._schedule(session, event.policy)
         elif isinstance(event, RoundRequested):
@@ -163,12 +166,14 @@ class Agent:
         delay = 0.2
         while stop is None or not stop.is_set():
             try:
+                self._attested = False
                 _session, task = await connect(host, int(port), ctx, self._connection(),
                                               self._on_event,
                                               server_hostname=self.config.rems_name)
-                delay = 0.2
                 log.info("connected to REM-S %s", self.config.rems)
                 await task
+                if self._attested:  # back off from a REM-S that refuses us, not one that ran
+                    delay = 0.2
             except (TimeoutError, OSError) as exc:
                 log.warning("REM-S %s unreachable: %s", self.config.rems, exc)
             finally:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
 import click
 
 from vims.avm import config as config_mod
+from vims.errors import VimsError
 
 
 @click.group()
@@ -32,3 +34,33 @@ def run(config_path: Path, verbose: bool) -> None:
         pass
     finally:
         agent.close()
+
+
+@avm.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--rems-url", required=True, help="The REM-S HTTP API, e.g. http://rems:8080")
+@click.option("--token-file", type=click.Path(path_type=Path), required=True,
+              help="File holding the REM-S operator token.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def enroll(config_path: Path, rems_url: str, token_file: Path, fmt: str) -> None:
+    """Enroll this A-VM's vTPM with the REM-S (EK chain, credential activation).
+
+    Creates the A-VM's key and gets its control-channel certificate from the
+    REM-S CA when the configured certificate does not exist yet. Exit 0
+    enrolled, 1 refused by the REM-S, 2 error.
+    """
+    from vims.avm.enroll import enroll as do_enroll
+
+    if not rems_url.startswith(("http://", "https://")):
+        raise VimsError(f"--rems-url must be an http(s) URL, not {rems_url!r}")
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise VimsError(f"token file {token_file}: {exc.strerror}") from exc
+    result = do_enroll(config_mod.load(config_path), rems_url.rstrip("/"), token)
+    if fmt == "json":
+        click.echo(json.dumps({"avm_id": result.avm_id, "changed": result.changed,
+                               "ak_sha256": result.ak_sha256}))
+    else:
+        click.echo(f"A-VM {result.avm_id} enrolled (AK sha256 {result.ak_sha256[:16]}…)"
+                   + ("" if result.changed else ", unchanged"))

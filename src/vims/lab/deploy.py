@@ -3,12 +3,13 @@
 Creates everything a real deployment has — the REM-S CA and certificates, a
 manufactured vTPM with EK certificates from a local CA, a simulated DRTM launch
 measurement in PCR 17 (what tboot does on TXT hardware), configuration files,
-the enrollment of the A-VM's AK — under one directory, and runs the REM-S and
-agent as the CLI would (separate processes).
+the enrollment of the A-VM's AK over the REM-S API — under one directory, and
+runs the REM-S and agent as the CLI would (separate processes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -24,10 +25,6 @@ from pathlib import Path
 from vims.errors import VimsError
 from vims.net import free_port
 from vims.protocol.pki import CertificateAuthority
-from vims.rems.config import load as load_rems_config
-from vims.rems.enroll import enroll
-from vims.rems.store import Store
-from vims.tpm.attester import Attester
 from vims.tpm.swtpm import LocalCa, Swtpm
 
 LAUNCH_DATA = b"vims lab measured launch: tboot + xen + dom0 (simulated DRTM)"
@@ -70,7 +67,22 @@ class LabDeployment:
                 time.sleep(0.1)
         raise VimsError(f"REM-S not answering on {self.http_url}")
 
+    def enroll(self) -> dict[str, object]:
+        """``vims avm enroll`` against the running REM-S: EK chain, AK, client certificate."""
+        done = subprocess.run(
+            [sys.executable, "-m", "vims.cli", "avm", "enroll", "--config", str(self.avm_config),
+             "--rems-url", self.http_url, "--token-file", str(self.root / "admin.token"),
+             "--format", "json"], capture_output=True, text=True, timeout=120, check=False,
+            stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise VimsError(f"A-VM enrollment failed: {done.stderr.strip() or done.stdout}")
+        result: dict[str, object] = json.loads(done.stdout)
+        return result
+
     def start_avm(self) -> None:
+        """Start the agent, enrolling it first if it has no certificate yet."""
+        if not (self.root / "pki" / "avm.pem").exists():
+            self.enroll()
         self._spawn("avm", ["avm", "run", "--config", str(self.avm_config), "-v"])
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
@@ -87,9 +99,10 @@ class LabDeployment:
     def call(self, method: str, path: str, body: bytes = b"{}", timeout: float = 10.0,
              token: str | None = None) -> tuple[int, bytes]:
         """An operator's API call (bearer token): status and body, errors included."""
-        req = urllib.request.Request(self.http_url + path, data=body, method=method, headers={
-            "Authorization": f"Bearer {token if token is not None else self.admin_token}",
-            "Content-Type": "application/json"})
+        headers = {"Authorization": f"Bearer {token if token is not None else self.admin_token}",
+                   "Content-Type": "application/json"}
+        req = urllib.request.Request(self.http_url + path, data=body or None, method=method,
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return int(r.status), r.read()
@@ -144,7 +157,11 @@ server_key = "{pki / 'rems.key'}"
 
 def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
            local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1") -> LabDeployment:
-    """Create the REM-S and A-VM configuration under ``root`` and enroll the A-VM."""
+    """Create the REM-S and A-VM configuration under ``root``.
+
+    The A-VM is enrolled over the REM-S API by :meth:`LabDeployment.start_avm`
+    (its key is created then and its certificate issued by the REM-S CA).
+    """
     root.mkdir(parents=True, exist_ok=True)
     pki = root / "pki"
     pki.mkdir(exist_ok=True)
@@ -152,7 +169,6 @@ def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
     (pki / "ca.pem").write_bytes(ca.cert_pem)
     ca.issued.write(pki / "ca.pem", pki / "ca.key")
     ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
-    ca.issue_client(avm_id).write(pki / "avm.pem", pki / "avm.key")
     token = secrets.token_hex(24)
     (root / "admin.token").write_text(token + "\n")
     (root / "admin.token").chmod(0o600)
@@ -182,13 +198,6 @@ name = "{cvm}"
 memory = "{ram}"
 profile = "{profile}"
 {optional}""")
-        cfg = load_rems_config(root / "rems.toml")
-        attester = Attester(swtpm.tcti)
-        try:
-            attester.create_ak()
-            enroll(Store(cfg.database), avm_id, attester, cfg.ek_ca_certs)
-        finally:
-            attester.close()
     except BaseException:
         swtpm.stop()
         raise

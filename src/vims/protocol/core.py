@@ -520,6 +520,7 @@ class RemsConnection(_Endpoint):
         ledger: ChainLedger,
         now: float,
         peer_avm_id: str | None = None,
+        defer_acks: bool = False,
         nonce_source: Callable[[int], bytes] = os.urandom,
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -532,6 +533,8 @@ class RemsConnection(_Endpoint):
             timeout_factor=timeout_factor,
         )
         self.peer_avm_id = peer_avm_id
+        # Deferred: the application acks (ack_report) once the report is durably stored.
+        self._defer_acks = defer_acks
         self._verify_evidence = verify_evidence
         self._policy_for = policy_for
         self._verify_report_quote = verify_report_quote
@@ -553,6 +556,20 @@ class RemsConnection(_Endpoint):
     def policy(self) -> PolicySpec | None:
         """The policy the A-VM acknowledged last (reports are judged against it)."""
         return self._policy
+
+    def ack_report(self, cvm: str, seq: int, now: float) -> None:
+        """With ``defer_acks``: the report is stored, tell the A-VM it may forget it.
+
+        Acks must follow the order the reports were received in; after a close
+        there is nobody to tell (the A-VM resends on its next connection).
+        """
+        if not self.closed:
+            self._send(ReportAck(cvm=cvm, seq=seq), now)
+
+    @property
+    def latest_policy(self) -> PolicySpec | None:
+        """The policy sent last, acknowledged or not: what the A-VM will run."""
+        return self._pending[-1][0] if self._pending else self._policy
 
     def update_policy(self, spec: PolicySpec, now: float) -> None:
         """Push a new policy; it applies to reports after the A-VM's ack of it."""
@@ -697,4 +714,5 @@ class RemsConnection(_Endpoint):
                 request_id=msg.request_id if round_ is not None else None,
             )
         )
-        self._send(ReportAck(cvm=cvm, seq=msg.seq), now)
+        if not self._defer_acks:
+            self._send(ReportAck(cvm=cvm, seq=msg.seq), now)

@@ -76,6 +76,7 @@ MAX_B64_ATTEST = 8192
 MAX_B64_SIGNATURE = 2048
 MAX_EVENT_LOG = 4096
 MAX_CVMS = 256
+MAX_POLICY_CHECKS = 256  # (check, interval) pairs over all C-VMs of one A-VM
 MAX_SEQ = 2**64 - 1
 
 # Ids end up in file names, log lines and SQL keys on the REM-S: keep them to a
@@ -173,11 +174,15 @@ class EventLogEntry(_Model):
 
 
 class CheckSpec(_Model):
-    """One check the policy asks for, and how often."""
+    """One check the policy asks for, how often, and on which C-VMs (None: all of them)."""
 
     id: CheckId
     interval_s: Annotated[float, Field(ge=0.1, le=86400)]
     params: Annotated[dict[Id, Scalar], Field(max_length=32)] = Field(default_factory=dict)
+    cvms: Annotated[list[Id], Field(min_length=1, max_length=MAX_CVMS)] | None = None
+
+    def applies_to(self, cvm: str) -> bool:
+        return self.cvms is None or cvm in self.cvms
 
 
 class PolicySpec(_Model):
@@ -185,7 +190,7 @@ class PolicySpec(_Model):
 
     policy_id: Id
     version: Annotated[int, Field(ge=1, le=2**31 - 1)]
-    checks: Annotated[list[CheckSpec], Field(min_length=1, max_length=64)]
+    checks: Annotated[list[CheckSpec], Field(min_length=1, max_length=MAX_POLICY_CHECKS)]
     quote_every: Annotated[int, Field(ge=1, le=10_000)]
     heartbeat_s: Annotated[float, Field(ge=0.5, le=3600)]
     thresholds: Annotated[dict[Id, Scalar], Field(max_length=64)] = Field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,37 @@ __all__ = [
     "CertificateAuthority",
     "IssuedCert",
     "client_context",
+    "load_or_create_key",
     "peer_avm_id",
     "server_context",
 ]
 
 AVM_URI_PREFIX = "urn:vims:avm:"
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write atomically (temp file + rename), never more readable than *mode* on the way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An EC P-256 private key from PEM, created (0600) when the file does not exist."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{path} is not an EC private key")
+        return key
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return key
 
 
 @dataclass(frozen=True)
@@ -111,22 +138,22 @@ class CertificateAuthority:
             raise ValueError(f"{key_path}: not an EC private key")
         return cls(IssuedCert(cert, key))
 
-    def _issue(
+    def _certify(
         self,
         common_name: str,
         sans: list[x509.GeneralName],
         usage: x509.ObjectIdentifier,
+        public_key: ec.EllipticCurvePublicKey,
         not_before: dt.datetime | None,
         days: float,
-    ) -> IssuedCert:
-        key = ec.generate_private_key(ec.SECP256R1())
+    ) -> x509.Certificate:
         start = not_before or (_now() - dt.timedelta(minutes=5))
         ca_key = self.issued.key
-        cert = (
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + dt.timedelta(days=days))
@@ -138,7 +165,19 @@ class CertificateAuthority:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        return IssuedCert(cert, key)
+
+    def _issue(
+        self,
+        common_name: str,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        not_before: dt.datetime | None,
+        days: float,
+    ) -> IssuedCert:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return IssuedCert(
+            self._certify(common_name, sans, usage, key.public_key(), not_before, days), key
+        )
 
     def issue_server(
         self,
@@ -164,8 +203,25 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
     ) -> IssuedCert:
         """An A-VM certificate naming *avm_id* (CN and URI SAN); backdate to test expiry."""
-        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(AVM_URI_PREFIX + avm_id)]
-        return self._issue(avm_id, sans, ExtendedKeyUsageOID.CLIENT_AUTH, not_before, days)
+        return self._issue(avm_id, _avm_sans(avm_id), ExtendedKeyUsageOID.CLIENT_AUTH,
+                           not_before, days)
+
+    def certify_client(self, avm_id: str, public_key: object, *, days: float = 397
+                       ) -> x509.Certificate:
+        """An A-VM certificate for a key the A-VM keeps (from its CSR at enrollment).
+
+        Only the identity the REM-S authenticated (*avm_id*) goes in, never the
+        CSR's own subject. EC P-256 keys only, like every key of the channel.
+        """
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+                public_key.curve, ec.SECP256R1):
+            raise ValueError("A-VM keys must be EC P-256")
+        return self._certify(avm_id, _avm_sans(avm_id), ExtendedKeyUsageOID.CLIENT_AUTH,
+                             public_key, None, days)
+
+
+def _avm_sans(avm_id: str) -> list[x509.GeneralName]:
+    return [x509.UniformResourceIdentifier(AVM_URI_PREFIX + avm_id)]
 
 
 def _tls13(ctx: ssl.SSLContext) -> ssl.SSLContext:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import html
 import re
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vims import __version__
 from vims.rems import ear
+from vims.rems.enroll import Enroller, EnrollmentError
 from vims.rems.service import RemsService
 from vims.rems.verdict import PolicyError, VerdictPolicy
 
@@ -44,6 +47,32 @@ class AttestRequest(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0, le=600)
 
 
+B64 = r"^[A-Za-z0-9+/=]+$"
+
+
+class EnrollRequest(BaseModel):
+    """An A-VM's vTPM: EK certificate (DER), EK and AK TPM2B_PUBLIC, optional CSR."""
+
+    model_config = ConfigDict(extra="forbid")
+    avm_id: str = Field(pattern=NAME)
+    ek_certificate_b64: str = Field(pattern=B64, max_length=16384)
+    ek_public_b64: str = Field(pattern=B64, max_length=4096)
+    ak_public_b64: str = Field(pattern=B64, max_length=4096)
+    csr_pem: str | None = Field(default=None, max_length=8192)
+
+
+class ActivateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    secret_b64: str = Field(pattern=B64, max_length=128)
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(422, f"{what}: not valid base64") from exc
+
+
 Attester = Callable[[str, float], Awaitable[Any]]
 """``attest(cvm, timeout_s)``: run a fresh round; its result is the verified report event."""
 
@@ -63,7 +92,10 @@ def validate_policy(body: dict[str, Any]) -> None:
 
 
 def create_app(service: RemsService, admin_token: str,
-               attest: Attester | None = None) -> FastAPI:
+               attest: Attester | None = None, enroller: Enroller | None = None,
+               policies_changed: Callable[[], None] = lambda: None) -> FastAPI:
+    """The API over *service*; ``policies_changed`` is called after a policy or an
+    assignment changed, so the REM-S can push the new policy to connected A-VMs."""
     app = FastAPI(title="VIMS REM-S", version=__version__,
                   description="Verdicts on C-VMs from A-VM introspection reports.")
 
@@ -108,6 +140,39 @@ def create_app(service: RemsService, admin_token: str,
                            "result": answer.body.get("result", "error"),
                            "findings": answer.body.get("findings", [])}}
 
+    @app.post("/v1/enroll", dependencies=[Depends(require_admin)],
+              responses={403: {"description": "EK or CSR refused"}})
+    def enroll_start(body: EnrollRequest) -> dict[str, Any]:
+        """Enrollment, step 1: EK chain checked, AK bound to it by MakeCredential."""
+        if enroller is None:
+            raise HTTPException(503, "enrollment is not configured on this REM-S")
+        try:
+            challenge = enroller.challenge(
+                body.avm_id, _b64(body.ek_certificate_b64, "ek_certificate_b64"),
+                _b64(body.ek_public_b64, "ek_public_b64"),
+                _b64(body.ak_public_b64, "ak_public_b64"),
+                body.csr_pem.encode() if body.csr_pem else None)
+        except EnrollmentError as exc:
+            raise HTTPException(403, str(exc)) from exc
+        return {"session": challenge.session,
+                "credential_blob_b64": base64.b64encode(challenge.credential_blob).decode(),
+                "encrypted_secret_b64": base64.b64encode(challenge.encrypted_secret).decode()}
+
+    @app.post("/v1/enroll/{session}/activate", dependencies=[Depends(require_admin)],
+              responses={403: {"description": "wrong secret, unknown or expired session"}})
+    def enroll_finish(session: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                      body: ActivateRequest) -> dict[str, Any]:
+        """Enrollment, step 2: the TPM's ActivateCredential answer; the AK is stored."""
+        if enroller is None:
+            raise HTTPException(503, "enrollment is not configured on this REM-S")
+        try:
+            done = enroller.complete(session, _b64(body.secret_b64, "secret_b64"))
+        except EnrollmentError as exc:
+            raise HTTPException(403, str(exc)) from exc
+        ca_pem = enroller.ca.cert_pem.decode() if enroller.ca else None
+        return {"avm_id": done.avm_id, "changed": done.changed, "ak_sha256": done.ak_sha256,
+                "certificate_pem": done.certificate_pem, "ca_pem": ca_pem}
+
     @app.get("/v1/cvms")
     def cvms() -> list[dict[str, Any]]:
         out = []
@@ -134,6 +199,8 @@ def create_app(service: RemsService, admin_token: str,
         except PolicyError as exc:
             raise HTTPException(422, str(exc)) from exc
         changed, version = service.store.put_policy(name, {**body, "name": name})
+        if changed:
+            policies_changed()
         return {"name": name, "version": version, "changed": changed}
 
     @app.get("/v1/policies/{name}")
@@ -148,7 +215,10 @@ def create_app(service: RemsService, admin_token: str,
         policy = body.get("policy", "")
         if service.store.get_policy(policy) is None:
             raise HTTPException(404, f"no policy {policy!r}")
-        return {"cvm": cvm, "policy": policy, "changed": service.store.assign(cvm, policy)}
+        changed = service.store.assign(cvm, policy)
+        if changed:
+            policies_changed()
+        return {"cvm": cvm, "policy": policy, "changed": changed}
 
     @app.get("/.well-known/jwks.json")
     def jwks() -> JSONResponse:

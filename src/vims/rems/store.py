@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -58,6 +58,28 @@ def canonical(data: Any) -> bytes:
 
 def chain_hash(prev_hash: str, entry: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(entry)).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewReport:
+    """A verified report to store: its chain position (from the control channel) and body."""
+
+    cvm: str
+    avm_id: str
+    seq: int
+    prev_hash: str
+    body: dict[str, Any]
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class NewVerdict:
+    cvm: str
+    status: str
+    vector: dict[str, int]
+    issued_at: float
+    expires_at: float
+    report_seq: int | None
 
 
 @dataclass(frozen=True)
@@ -142,7 +164,7 @@ class Store:
                 conn.execute(insert(s.policies).values(name=name, **values))
             else:
                 conn.execute(update(s.policies).where(s.policies.c.name == name).values(**values))
-            self._audit(conn, "policy", name, {"version": version, "digest": digest})
+            self._audit(conn, [("policy", name, {"version": version, "digest": digest})])
             return True, version
 
     def get_policy(self, name: str) -> tuple[int, dict[str, Any]] | None:
@@ -164,8 +186,16 @@ class Store:
             else:
                 conn.execute(update(s.assignments).where(s.assignments.c.cvm == cvm)
                              .values(policy=policy))
-            self._audit(conn, "assign", cvm, {"policy": policy})
+            self._audit(conn, [("assign", cvm, {"policy": policy})])
             return True
+
+    def policy_snapshot(self) -> tuple[dict[str, str], dict[str, tuple[int, dict[str, Any]]]]:
+        """Every assignment and policy in two queries: what the REM-S caches for ingest."""
+        with self.engine.connect() as conn:
+            assigned = {str(r.cvm): str(r.policy) for r in conn.execute(select(s.assignments))}
+            policies = {str(r.name): (int(r.version), json.loads(r.body))
+                        for r in conn.execute(select(s.policies))}
+        return assigned, policies
 
     def policy_of(self, cvm: str) -> str | None:
         with self.engine.connect() as conn:
@@ -179,8 +209,8 @@ class Store:
             conn.execute(s.avms.delete().where(s.avms.c.avm_id == avm_id))
             conn.execute(insert(s.avms).values(avm_id=avm_id, ak_pem=ak_pem,
                                                ek_cert_pem=ek_cert_pem, enrolled_at=time.time()))
-            self._audit(conn, "enroll", avm_id,
-                        {"ak_sha256": hashlib.sha256(ak_pem.encode()).hexdigest()})
+            self._audit(conn, [("enroll", avm_id,
+                                {"ak_sha256": hashlib.sha256(ak_pem.encode()).hexdigest()})])
 
     def ak_of(self, avm_id: str) -> str | None:
         with self.engine.connect() as conn:
@@ -188,27 +218,62 @@ class Store:
         return None if row is None else str(row.ak_pem)
 
     # -------------------------------------------------------------- reports
+    def ingest(self, reports: Sequence[NewReport], verdicts: Sequence[NewVerdict] = ()
+               ) -> list[str]:
+        """Store reports and verdicts in ONE transaction, audited; returns the digests.
+
+        The REM-S hands over everything that arrived while the previous batch was
+        being written: one lock, one audit-tail read, one commit for all of it is
+        what lets a REM-S keep up with thousands of reports a second. A replayed
+        (cvm, seq) aborts the whole batch with :class:`DuplicateReport`.
+        """
+        now = time.time()
+        rows, audits, digests = [], [], []
+        for r in reports:
+            raw = canonical(r.body)
+            digest = r.digest or hashlib.sha256(raw).hexdigest()
+            digests.append(digest)
+            rows.append({"cvm": r.cvm, "avm_id": r.avm_id, "seq": r.seq, "digest": digest,
+                         "prev_hash": r.prev_hash, "received_at": now,
+                         "result": str(r.body.get("result", "error"))[:16],
+                         "body": raw.decode()})
+            audits.append(("report", r.cvm, {"seq": r.seq, "digest": digest, "avm": r.avm_id}))
+        verdict_rows = []
+        for v in verdicts:
+            verdict_rows.append({"cvm": v.cvm, "status": v.status,
+                                 "vector": canonical(v.vector).decode(), "ear": None,
+                                 "issued_at": v.issued_at, "expires_at": v.expires_at,
+                                 "report_seq": v.report_seq})
+            audits.append(("verdict", v.cvm, {"status": v.status, "vector": v.vector,
+                                              "expires_at": v.expires_at, "seq": v.report_seq}))
+        with self._write() as conn:
+            if rows:
+                try:
+                    conn.execute(insert(s.reports), rows)
+                except IntegrityError as exc:
+                    # Leaving the block rolls back: on PostgreSQL the failed INSERT has
+                    # aborted the transaction, and nothing of it may be committed.
+                    which = ", ".join(f"{r.cvm}#{r.seq}" for r in reports[:4])
+                    raise DuplicateReport(f"report {which} is already stored") from exc
+            if verdict_rows:
+                # One native upsert (ON CONFLICT) on both engines: no update-then-insert race.
+                ins = (pg_insert(s.verdicts) if conn.dialect.name == "postgresql"
+                       else sqlite_insert(s.verdicts))
+                conn.execute(ins.on_conflict_do_update(
+                    index_elements=[s.verdicts.c.cvm],
+                    set_={c: ins.excluded[c] for c in verdict_rows[0] if c != "cvm"}),
+                    verdict_rows)
+            self._audit(conn, audits)
+        return digests
+
     def add_report(self, cvm: str, avm_id: str, seq: int, prev_hash: str,
                    body: dict[str, Any], digest: str | None = None) -> str:
-        """Store a report and audit it; returns its digest. A replayed seq is refused.
+        """Store one report (see :meth:`ingest`); returns its digest.
 
         ``digest`` is the control channel's chain digest when the report came
         over it (so a restarted REM-S resumes the chain); else SHA-256 of the body.
         """
-        raw = canonical(body)
-        digest = digest or hashlib.sha256(raw).hexdigest()
-        with self._write() as conn:
-            try:
-                conn.execute(insert(s.reports).values(
-                    cvm=cvm, avm_id=avm_id, seq=seq, digest=digest, prev_hash=prev_hash,
-                    received_at=time.time(), result=str(body.get("result", "error"))[:16],
-                    body=raw.decode()))
-            except IntegrityError as exc:
-                # Leaving the block rolls back: on PostgreSQL the failed INSERT has
-                # aborted the transaction, and nothing of it may be committed.
-                raise DuplicateReport(f"report {cvm}#{seq} is already stored") from exc
-            self._audit(conn, "report", cvm, {"seq": seq, "digest": digest, "avm": avm_id})
-        return digest
+        return self.ingest([NewReport(cvm, avm_id, seq, prev_hash, body, digest)])[0]
 
     def last_seq(self, cvm: str) -> int:
         with self.engine.connect() as conn:
@@ -225,26 +290,23 @@ class Store:
                  "report": json.loads(r.body)} for r in rows]
 
     # ------------------------------------------------------------- verdicts
-    def put_verdict(self, cvm: str, status: str, vector: dict[str, int], ear: str,
-                    issued_at: float, expires_at: float, report_seq: int | None) -> None:
-        values = {"status": status, "vector": canonical(vector).decode(), "ear": ear,
-                  "issued_at": issued_at, "expires_at": expires_at, "report_seq": report_seq}
-        with self._write() as conn:
-            # One native upsert (ON CONFLICT) on both engines: no update-then-insert race.
-            ins = (pg_insert(s.verdicts) if conn.dialect.name == "postgresql"
-                   else sqlite_insert(s.verdicts)).values(cvm=cvm, **values)
-            conn.execute(ins.on_conflict_do_update(index_elements=[s.verdicts.c.cvm],
-                                                   set_=values))
-            self._audit(conn, "verdict", cvm, {"status": status, "vector": vector,
-                                               "expires_at": expires_at, "seq": report_seq})
+    def put_verdict(self, cvm: str, status: str, vector: dict[str, int], issued_at: float,
+                    expires_at: float, report_seq: int | None) -> None:
+        self.ingest([], [NewVerdict(cvm, status, vector, issued_at, expires_at, report_seq)])
 
     def verdict(self, cvm: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(s.verdicts).where(s.verdicts.c.cvm == cvm)).first()
         if r is None:
             return None
-        return {"cvm": cvm, "status": r.status, "vector": json.loads(r.vector), "ear": r.ear,
+        return {"cvm": cvm, "status": r.status, "vector": json.loads(r.vector),
                 "issued_at": r.issued_at, "expires_at": r.expires_at, "report_seq": r.report_seq}
+
+    def expired_verdicts(self, now: float) -> list[str]:
+        """C-VMs whose verdict has lapsed (no fresh report within the staleness limit)."""
+        with self.engine.connect() as conn:
+            return [str(r[0]) for r in conn.execute(
+                select(s.verdicts.c.cvm).where(s.verdicts.c.expires_at <= now))]
 
     def cvms(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -253,15 +315,23 @@ class Store:
         return sorted(names)
 
     # ----------------------------------------------------------------- audit
-    def _audit(self, conn: Any, kind: str, subject: str, payload: dict[str, Any]) -> None:
+    def _audit(self, conn: Any, entries: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        """Append (kind, subject, payload) entries to the hash chain, in order."""
+        if not entries:
+            return
         tail = conn.execute(select(s.audit.c.hash).order_by(s.audit.c.id.desc()).limit(1)
                             .with_for_update()).first()
         prev = GENESIS if tail is None else str(tail.hash)
-        entry = {"ts": round(time.time(), 6), "kind": kind, "subject": subject,
-                 "payload": payload}
-        conn.execute(insert(s.audit).values(ts=entry["ts"], kind=kind, subject=subject,
-                                            payload=canonical(payload).decode(),
-                                            prev_hash=prev, hash=chain_hash(prev, entry)))
+        ts = round(time.time(), 6)
+        rows = []
+        for kind, subject, payload in entries:
+            entry = {"ts": ts, "kind": kind, "subject": subject, "payload": payload}
+            digest = chain_hash(prev, entry)
+            rows.append({"ts": ts, "kind": kind, "subject": subject,
+                         "payload": canonical(payload).decode(), "prev_hash": prev,
+                         "hash": digest})
+            prev = digest
+        conn.execute(insert(s.audit), rows)
 
     def verify_audit(self) -> AuditCheck:
         """Walk the audit chain from the start; report the first broken entry."""

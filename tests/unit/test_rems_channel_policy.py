@@ -1,0 +1,68 @@
+"""The REM-S's channel policy for an A-VM guarding C-VMs with different policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vims.protocol.messages import Capabilities, Hello, policy_digest
+from vims.rems.config import RemsConfig
+from vims.rems.server import RemsServer
+
+CAPABILITIES = Capabilities(checks=["kernel.text", "kernel.modules", "process.hidden"],
+                            backends=["file"])
+
+
+@pytest.fixture
+def rems(tmp_path: Path) -> RemsServer:
+    (tmp_path / "token").write_text("t" * 32)
+    return RemsServer(RemsConfig(database=f"sqlite:///{tmp_path / 'rems.db'}",
+                                 admin_token_file=tmp_path / "token",
+                                 signing_key=tmp_path / "ear.key"))
+
+
+def hello(*cvms: str) -> Hello:
+    return Hello(avm_id="avm1", cvms=list(cvms), capabilities=CAPABILITIES)
+
+
+def test_each_cvm_gets_its_own_policys_checks(rems: RemsServer) -> None:
+    rems.store.put_policy("web", {"checks": [{"id": "kernel.text", "interval_s": 2},
+                                             {"id": "process.hidden", "interval_s": 5}],
+                                  "quote_every": 4, "heartbeat_s": 3})
+    rems.store.put_policy("db", {"checks": [{"id": "kernel.text", "interval_s": 2},
+                                            {"id": "behaviour.unknown", "interval_s": 1}],
+                                 "quote_every": 2})
+    rems.store.assign("cvm-web", "web")
+    rems.store.assign("cvm-db", "db")
+    spec = rems.policy_for(hello("cvm-web", "cvm-db"))
+    got = {(c.id, c.interval_s, tuple(c.cvms) if c.cvms else None) for c in spec.checks}
+    assert got == {("kernel.text", 2.0, None),  # both C-VMs: no C-VM list
+                   ("process.hidden", 5.0, ("cvm-web",))}
+    assert [c.id for c in spec.checks if c.applies_to("cvm-db")] == ["kernel.text"]
+    assert (spec.quote_every, spec.heartbeat_s) == (2, 3.0)  # the strictest of the two
+    assert spec.policy_id.startswith("multi-")
+
+
+def test_one_policy_keeps_its_name_and_unknown_checks_fall_back(rems: RemsServer) -> None:
+    rems.store.put_policy("lab", {"checks": [{"id": "kernel.modules", "interval_s": 7}]})
+    rems.store.assign("a", "lab")
+    rems.store.assign("b", "lab")
+    spec = rems.policy_for(hello("a", "b"))
+    assert spec.policy_id == "lab"
+    assert [(c.id, c.cvms) for c in spec.checks] == [("kernel.modules", None)]
+    # A C-VM whose policy names nothing this A-VM can run is never given an empty round.
+    rems.store.put_policy("odd", {"checks": [{"id": "behaviour.unknown", "interval_s": 1}]})
+    rems.store.assign("b", "odd")
+    spec = rems.policy_for(hello("a", "b"))
+    assert sorted(c.id for c in spec.checks if c.applies_to("b")) == sorted(CAPABILITIES.checks)
+    assert [c.id for c in spec.checks if c.applies_to("a")] == ["kernel.modules"]
+
+
+def test_policy_digest_changes_only_with_the_policy(rems: RemsServer) -> None:
+    rems.store.put_policy("lab", {"checks": [{"id": "kernel.text", "interval_s": 5}]})
+    rems.store.assign("a", "lab")
+    first = policy_digest(rems.policy_for(hello("a")))
+    assert policy_digest(rems.policy_for(hello("a"))) == first  # nothing to push
+    rems.store.put_policy("lab", {"checks": [{"id": "kernel.text", "interval_s": 1}]})
+    assert policy_digest(rems.policy_for(hello("a"))) != first
