@@ -14,6 +14,11 @@ VIMS_PYENV_ROOT="$(dirname "$(dirname "$(dirname "$(readlink -f "$ROOT/.venv/bin
 export VIMS_PYENV_ROOT="${VIMS_PYENV_ROOT%/versions}"
 export VIMS_CACHE="${VIMS_CACHE:-$HOME/.cache/vims}"
 export PATH="$ROOT/.venv-ctl/bin:$PATH" ANSIBLE_NOCOLOR=1 PY_COLORS=0
+# The lab C-VM's kernel and initramfs, fetched and built on the host, are mounted
+# into the avm container (the image has no apt lists to fetch them itself).
+"$ROOT/.venv/bin/python" -c 'from vims.lab.kernel import ensure_kernel
+from vims.lab.initramfs import ensure_initramfs
+ensure_initramfs(ensure_kernel())'
 # One user network (containers resolve each other by name), away from 192.0.2.0/24.
 podman network exists vims-molecule ||
   podman network create --subnet 10.213.7.0/24 vims-molecule >/dev/null

@@ -29,6 +29,8 @@ TIERS = ((96, "contraindicated"), (32, "warning"), (2, "affirming"))
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 
 FAILED_CHECKS = "checks[?status != 'pass'].id"
+# An attest result's report carries findings but no per-check statuses.
+FINDING_CHECKS = "findings[].check"
 FINDINGS_BY_SEVERITY = "findings[?severity == `{0}`]"
 
 
@@ -61,8 +63,13 @@ def _report(data):
 
 
 def failed_checks(data):
-    """Ids of the checks whose status is not pass."""
-    return _search(FAILED_CHECKS, _report(data), "failed_checks") or []
+    """Ids of the checks whose status is not pass (for a report without per-check
+    statuses, as attest returns, the checks named by its findings)."""
+    report = _report(data)
+    if isinstance(report, Mapping) and "checks" not in report:
+        found = _search(FINDING_CHECKS, report, "failed_checks") or []
+        return sorted(set(str(c) for c in found if c is not None))
+    return _search(FAILED_CHECKS, report, "failed_checks") or []
 
 
 def findings_by_severity(data, severity="critical"):
@@ -118,12 +125,8 @@ def verdict_table(rows):
             word = "TRUSTED" if verdict["trusted"] else "UNTRUSTED"
             status = "%s (%s)" % (word, verdict.get("status"))
             tier = trust_tier(verdict) if isinstance(verdict.get("vector"), dict) else "-"
-            failed = ",".join(failed_checks(verdict)) if isinstance(verdict.get("report"), dict) \
-                and isinstance(verdict["report"].get("checks"), list) else ""
-            if not failed and isinstance(verdict.get("report"), dict):
-                failed = ",".join(sorted(set(
-                    str(f.get("check")) for f in verdict["report"].get("findings") or []
-                    if isinstance(f, dict))))
+            failed = ",".join(failed_checks(verdict)) \
+                if isinstance(verdict.get("report"), Mapping) else ""
         else:
             status, tier, failed = "NO VERDICT", "-", to_native(verdict.get("msg", ""))[:60] \
                 if isinstance(verdict, Mapping) else ""

@@ -23,6 +23,15 @@ def test_failed_checks_from_report_or_module_result() -> None:
     assert f.failed_checks({"checks": [{"id": "kernel.idt", "status": "pass"}]}) == []
 
 
+def test_failed_checks_of_an_attest_result_come_from_its_findings() -> None:
+    attest_result = {"trusted": False, "report": {"seq": 3, "result": "fail", "findings": [
+        {"check": "process.hidden", "severity": "critical", "summary": "a"},
+        {"check": "kernel.syscall_table", "severity": "critical", "summary": "b"},
+        {"check": "process.hidden", "severity": "critical", "summary": "c"}]}}
+    assert f.failed_checks(attest_result) == ["kernel.syscall_table", "process.hidden"]
+    assert f.failed_checks({"report": {"seq": 4, "result": "pass", "findings": []}}) == []
+
+
 def test_findings_by_severity() -> None:
     assert [x["summary"] for x in f.findings_by_severity(REPORT)] == ["hook"]
     assert [x["summary"] for x in f.findings_by_severity(REPORT, "medium")] == ["odd"]
