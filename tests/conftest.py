@@ -6,6 +6,7 @@ labs, and every lab they start is torn down at the end, even on failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,7 +23,17 @@ os.environ["VIMS_RUN_DIR"] = _RUN_DIR
 
 from vims.lab import Lab, LabManager, LabSpec  # noqa: E402 - after VIMS_RUN_DIR is set
 
+if TYPE_CHECKING:
+    from vims.vmi.memory import GuestMemory
+
 SESSION_LAB = f"pt{os.getpid()}"
+
+
+def sh(mgr: LabManager, lab: Lab, cmd: str) -> str:
+    """A command in the lab guest that must succeed; its stdout."""
+    result = mgr.exec(lab.name, cmd)
+    assert result.exit_code == 0, (cmd, result.stderr)
+    return result.stdout
 
 
 def vims(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
@@ -72,6 +84,24 @@ def lab_policy() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("vims.lab") / "policy.json"))
+
+
+@pytest.fixture(scope="module")
+def mem(lab: Lab, lab_manager: LabManager, profile_path: Path) -> Iterator[GuestMemory]:
+    """The session guest's memory through LibVMI, paused through the lab for rounds."""
+    from vims.vmi.memory import GuestMemory
+    from vims.vmi.profile import Profile
+
+    with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path),
+                     pauser=lambda: lab_manager.paused(lab.name)) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def policy(lab_policy: Path) -> dict[str, Any]:
+    """The lab workload's policy (src/vims/lab/policy.json)."""
+    data: dict[str, Any] = json.loads(lab_policy.read_text())
+    return data
 
 
 # The collection's own unit tests need ansible-core, which lives in the controller

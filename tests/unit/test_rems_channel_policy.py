@@ -1,12 +1,16 @@
-"""The REM-S's channel policy for an A-VM guarding C-VMs with different policies."""
+"""The REM-S's channel policy per A-VM, and its report writer (batches, acks, failures)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vims.protocol.messages import Capabilities, Hello, policy_digest
+from vims.protocol.core import RemsConnection, State
+from vims.protocol.events import ReportReceived
+from vims.protocol.messages import Capabilities, ChainHead, Hello, policy_digest
 from vims.rems.config import RemsConfig
 from vims.rems.server import RemsServer
 
@@ -66,3 +70,64 @@ def test_policy_digest_changes_only_with_the_policy(rems: RemsServer) -> None:
     assert policy_digest(rems.policy_for(hello("a"))) == first  # nothing to push
     rems.store.put_policy("lab", {"checks": [{"id": "kernel.text", "interval_s": 1}]})
     assert policy_digest(rems.policy_for(hello("a"))) != first
+
+
+class FakeSession:
+    """What the REM-S writer uses of a channel session: its core, poke and close."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn, self.closed, self.pokes = conn, "", 0
+
+    def now(self) -> float:
+        return 0.0
+
+    def poke(self) -> None:
+        self.pokes += 1
+
+    def close(self, reason: str = "") -> None:
+        self.closed = reason
+
+
+def test_writer_acks_after_storing_and_abandons_a_failed_batch(rems: RemsServer) -> None:
+    """Acks only once stored; a batch that fails to store is never acked, its sessions are
+    dropped and their chain heads forgotten, so the A-VMs resend from the stored head."""
+    acks: list[tuple[str, int]] = []
+
+    class Core(RemsConnection):
+        def __init__(self) -> None:  # only what the writer touches
+            self._state = State.ACTIVE
+
+        def ack_report(self, cvm: str, seq: int, now: float) -> None:
+            acks.append((cvm, seq))
+
+    good, bad = FakeSession(Core()), FakeSession(Core())
+    calls = {"n": 0}
+    real = rems.service.ingest_reports
+
+    def flaky(items: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full")
+        return real(items)
+
+    rems.service.ingest_reports = flaky  # type: ignore[method-assign]
+
+    def event(cvm: str, seq: int) -> ReportReceived:
+        return ReportReceived("avm1", cvm, seq, f"{seq:064x}", False, {"result": "pass"})
+
+    async def scenario() -> None:
+        writer = asyncio.create_task(rems._writer())
+        rems.ledger.heads[("avm1", "b")] = ChainHead(seq=1, digest="1" * 64)
+        rems.on_event(bad, event("b", 1))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        rems.on_event(good, event("a", 1))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        writer.cancel()
+
+    asyncio.run(scenario())
+    assert acks == [("a", 1)]  # the failed batch was never acked
+    assert bad.closed
+    assert not good.closed
+    assert ("avm1", "b") not in rems.ledger.heads  # reloaded from the store on reconnect
+    assert [r["seq"] for r in rems.store.reports("a")] == [1]
+    assert rems.store.reports("b") == []

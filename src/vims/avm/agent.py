@@ -53,6 +53,7 @@ class CvmTarget:
         self.policy: dict[str, Any] = json.loads(cfg.policy.read_text()) if cfg.policy else {}
         self.mem: GuestMemory | None = None
         self.lock = threading.Lock()  # one LibVMI user at a time, whatever the intervals
+        self.history: dict[str, Any] = {}  # what checks remember between rounds
 
     def memory(self) -> GuestMemory:
         if self.mem is None:
@@ -69,7 +70,8 @@ class CvmTarget:
                       {"domain": str(self.cfg.domain)})
         try:
             with self.lock:
-                return run_round(self.memory(), ids, self.baseline, self.policy, "auto", target)
+                return run_round(self.memory(), ids, self.baseline, self.policy, "auto", target,
+                                 self.history)
         except Exception as exc:  # noqa: BLE001 - a C-VM we cannot read is reported, not fatal
             self.mem = None
             return {"result": "error", "error": str(exc), "checks": [], "findings": [],

@@ -1,6 +1,13 @@
 """Consistency checks on a C-VM, one module per family; ids are stable."""
 
 from vims.checks.base import Category, Check, CheckResult, Context, Finding, Severity, Status
+from vims.checks.behaviour import (
+    ChildrenCheck,
+    CredsChangeCheck,
+    FilesCheck,
+    MemoryCheck,
+    SocketsCheck,
+)
 from vims.checks.kernel import (
     HiddenModulesCheck,
     IdtCheck,
@@ -18,7 +25,8 @@ from vims.checks.process import (
 ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
-              HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck)
+              HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck,
+              ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck)
 }
 
 __all__ = ["ALL_CHECKS", "Category", "Check", "CheckResult", "Context", "Finding", "Severity",

@@ -77,8 +77,15 @@ class Context:
     """What checks share in one round: memory, walkers, baseline, policy, cached views."""
 
     def __init__(self, mem: GuestMemory, baseline: dict[str, Any] | None = None,
-                 policy: dict[str, Any] | None = None) -> None:
+                 policy: dict[str, Any] | None = None,
+                 history: dict[str, Any] | None = None) -> None:
         self.mem = mem
+        # What checks remember between rounds of one C-VM (the A-VM keeps it per C-VM;
+        # a single `vims check` starts empty): state over time, e.g. credentials. Checks
+        # read it and put their new state in ``updates``, which the runner commits once
+        # per round (a retried round must compare with the previous round, not itself).
+        self.history: dict[str, Any] = history if history is not None else {}
+        self.updates: dict[str, Any] = {}
         self.linux = Linux(mem)
         self.profile = mem.profile
         self.baseline = baseline

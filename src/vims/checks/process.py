@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
-from vims.vmi.linux import MAX_RB_NODES, MAX_TASKS, Struct, Task, WalkError, is_kernel_pointer
+from vims.checks.rules import matches
+from vims.vmi.linux import MAX_RB_NODES, MAX_TASKS, Struct, WalkError, is_kernel_pointer
 from vims.vmi.memory import MemoryReadError
 
 XA_CHUNK_SIZE = 64
@@ -145,32 +145,12 @@ class AllowlistCheck(Check):
             if t.pid != t.tgid:
                 continue  # threads follow their leader
             parent = by_pid.get(t.ppid)
-            if not any(_matches(rule, t, parent) for rule in rules):
+            if not any(matches(rule, t, parent) for rule in rules):
                 out.append(self.finding(
                     f"process {t.pid} ({t.comm}, {t.exe or '?'}) is not allowed",
                     pid=t.pid, comm=t.comm, exe=t.exe, uid=t.uid, euid=t.euid,
                     parent=parent.comm if parent else None))
         return out
-
-
-def _matches(rule: dict[str, Any], t: Task, parent: Task | None) -> bool:
-    """A rule matches when each key it names matches (globs; a list means any of them)."""
-    if "comm" in rule and not _glob(t.comm, rule["comm"]):
-        return False
-    if "exe" in rule and not _glob(t.exe, rule["exe"]):
-        return False
-    if "uid" in rule and t.euid not in _ints(rule["uid"]):
-        return False
-    return "parent" not in rule or (parent is not None and _glob(parent.comm, rule["parent"]))
-
-
-def _glob(value: str, patterns: str | list[str]) -> bool:
-    pats = patterns if isinstance(patterns, list) else [patterns]
-    return any(fnmatch.fnmatchcase(value, str(p)) for p in pats)
-
-
-def _ints(value: Any) -> set[int]:
-    return {int(v) for v in value} if isinstance(value, list) else {int(value)}
 
 
 class CredsCheck(Check):

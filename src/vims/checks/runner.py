@@ -46,10 +46,15 @@ def _signature(results: list[CheckResult]) -> list[tuple[str, str, tuple[tuple[s
 
 def run_round(mem: GuestMemory, ids: list[str], baseline: dict[str, Any] | None,
               policy: dict[str, Any] | None, consistency: str = "auto",
-              target: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One check round (every check when ``ids`` is empty); returns the report."""
+              target: dict[str, Any] | None = None,
+              history: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One check round (every check when ``ids`` is empty); returns the report.
+
+    ``history`` is the caller's memory of earlier rounds of this C-VM (updated in
+    place); checks of change over time need it.
+    """
     ids = select_checks(ids)
-    ctx = Context(mem, baseline, policy)
+    ctx = Context(mem, baseline, policy, history)
     mode = consistency
     if mode == "auto":
         mode = "pause" if mem.can_pause else "retry"
@@ -74,6 +79,8 @@ def run_round(mem: GuestMemory, ids: list[str], baseline: dict[str, Any] | None,
         results = _round(ctx, ids)
         view = _semantic_view(ctx)
     elapsed = (time.perf_counter() - start) * 1000
+    if history is not None:
+        history.update(ctx.updates)
     findings = [f.public() for r in results for f in r.findings]
     statuses = {r.status for r in results}
     # Findings win over errors: a detected attack must not read as a mere error.
