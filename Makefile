@@ -32,6 +32,8 @@ test: lint
 bench: setup
 	$(PY) bench/lab_boot.py
 	$(PY) bench/check_round.py
+	$(PY) bench/rems_load.py --n 10,100,1000 --duration 10 --quote-every 10
+	$(PY) bench/guest_overhead.py
 
 clean:
 	-$(VENV)/bin/vims lab down --all

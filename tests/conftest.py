@@ -36,6 +36,15 @@ def sh(mgr: LabManager, lab: Lab, cmd: str) -> str:
     return result.stdout
 
 
+def start_bg(mgr: LabManager, lab: Lab, cmd: str, comm: str, mark: str) -> None:
+    """Start *cmd* in the background in the guest and wait until a process named *comm*
+    with *mark* in its command line runs (a round taken earlier would see the fork)."""
+    sh(mgr, lab, f"{cmd} &")
+    sh(mgr, lab, f"for i in $(seq 100); do for p in $(grep -l {mark} /proc/[0-9]*/cmdline "
+       "2>/dev/null); do read c < ${p%/cmdline}/comm 2>/dev/null && "
+       f"[ \"$c\" = {comm} ] && exit 0; done; sleep 0.05; done; exit 1")
+
+
 def vims(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
          ) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from tests.attacks import patched, unlinked
-from tests.conftest import sh, vims
+from tests.conftest import sh, start_bg, vims
 from vims.baseline import load as load_baseline
 from vims.checks import ALL_CHECKS
 from vims.checks.runner import run_round
@@ -67,7 +67,7 @@ def settled_pids(text: str, me: int) -> set[int]:
 # ------------------------------------------------------------ semantic view
 def test_process_list_equals_guest_ps(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                       baseline: dict[str, Any], policy: dict[str, Any]) -> None:
-    sh(lab_manager, lab, "sleep 7777 >/dev/null 2>&1 &")
+    start_bg(lab_manager, lab, "sleep 7777 >/dev/null 2>&1", "sleep", "7777")
     out = sh(lab_manager, lab, "echo $$; ps")
     me, ps_text = int(out.split("\n", 1)[0]), out.split("\n", 1)[1]
     report = round_(mem, baseline, policy, "process.hidden")
@@ -225,7 +225,7 @@ def test_idt_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
 
 def test_hidden_process_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                  baseline: dict[str, Any], policy: dict[str, Any]) -> None:
-    sh(lab_manager, lab, "sleep 8888 >/dev/null 2>&1 &")
+    start_bg(lab_manager, lab, "sleep 8888 >/dev/null 2>&1", "sleep", "8888")
     try:
         with lab_manager.paused(lab.name):
             mem.flush()
@@ -308,19 +308,21 @@ def test_patched_process_code_is_found(lab_manager: LabManager, lab: Lab, mem: G
 
 def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                      baseline: dict[str, Any], policy: dict[str, Any]) -> None:
-    sh(lab_manager, lab, "cp /bin/busybox /tmp/evil")
-    sh(lab_manager, lab, "/tmp/evil sleep 5555 >/dev/null 2>&1 &")
+    # Named after an applet: a busybox copy called anything else exits at once
+    # ("applet not found"), and the check would have to catch it in that instant.
+    sh(lab_manager, lab, "mkdir -p /tmp/evil && cp /bin/busybox /tmp/evil/sleep")
+    start_bg(lab_manager, lab, "/tmp/evil/sleep 5555 >/dev/null 2>&1", "sleep", "5555")
     try:
         hits = findings(round_(mem, baseline, policy, "process.code"), "process.code")
-        assert [f["evidence"]["exe"] for f in hits] == ["/tmp/evil"]
+        assert [f["evidence"]["exe"] for f in hits] == ["/tmp/evil/sleep"]
     finally:
         kill_tagged(lab_manager, lab, "sleep", "5555")
-        sh(lab_manager, lab, "rm -f /tmp/evil")
+        sh(lab_manager, lab, "rm -rf /tmp/evil")
 
 
 def test_unexpected_listener_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                       baseline: dict[str, Any], policy: dict[str, Any]) -> None:
-    sh(lab_manager, lab, "nc -l -p 4444 >/dev/null 2>&1 </dev/null &")
+    start_bg(lab_manager, lab, "nc -l -p 4444 >/dev/null 2>&1 </dev/null", "nc", "4444")
     try:
         hits = findings(round_(mem, baseline, policy, "process.allowlist"), "process.allowlist")
         assert [f["evidence"]["comm"] for f in hits] == ["nc"]
@@ -331,7 +333,7 @@ def test_unexpected_listener_is_found(lab_manager: LabManager, lab: Lab, mem: Gu
 def test_root_credentials_written_in_place_are_found(
         lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
         policy: dict[str, Any]) -> None:
-    sh(lab_manager, lab, "su alice -c 'sleep 6666 >/dev/null 2>&1 &'")
+    start_bg(lab_manager, lab, "su alice -c 'sleep 6666 >/dev/null 2>&1 &'", "sleep", "6666")
     try:
         assert findings(round_(mem, baseline, policy, "process.creds"), "process.creds") == []
         with lab_manager.paused(lab.name):
