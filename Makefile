@@ -3,20 +3,28 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit bench clean
+.PHONY: setup demo demo-runtime test lint unit bench clean
 
 setup:
 	@bash scripts/setup.sh all
 
+# The main job: VIMS rolled out with Ansible (playbooks/site.yml) on the one-machine
+# lab, a rootkit, and the verdicts (scripts/lab-demo.sh).
 demo: setup
+	bash scripts/lab-demo.sh
+
+# The runtime alone: introspection, the rootkit's findings, the gate (vims demo).
+demo-runtime: setup
 	$(VENV)/bin/vims demo
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	bash scripts/ansible-checks.sh lint
 
 unit: setup
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	bash scripts/ansible-checks.sh units
 
 test: lint
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
@@ -29,4 +37,5 @@ bench: setup
 
 clean:
 	-$(VENV)/bin/vims lab down --all
+	-PATH=$(CURDIR)/.venv-ctl/bin:$$PATH ansible-playbook playbooks/lab-down.yml -e lab_down_purge=true
 	rm -rf $(VENV) .venv-ctl .mypy_cache .pytest_cache .ruff_cache

@@ -17,6 +17,9 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 busybox-static swtpm swtpm-tools tpm2-tools libtss2-dev
   pkg-config xz-utils zstd cpio gcc make ca-certificates nginx
   postgresql httperf
+  # Molecule (podman with runc, name resolution between containers; the image is
+  # debootstrapped) and the xl config syntax check of the xen_host role (libxlutil).
+  podman runc debootstrap golang-github-containernetworking-plugin-dnsname libxenmisc4.17
 )
 
 install_packages() {
@@ -66,14 +69,22 @@ make_venv() {
   echo "$want" >"$stamp"
 }
 
+# The checkout is the collection vims.attestation: ansible.cfg finds it through this link.
+link_collection() {
+  local dir="$CONTROLLER_VENV/collections/ansible_collections/vims"
+  mkdir -p "$dir"
+  [[ "$(readlink "$dir/attestation" 2>/dev/null)" == "$ROOT" ]] || ln -sfn "$ROOT" "$dir/attestation"
+}
+
 case "$WHAT" in
   packages) install_packages ;;
   runtime) make_venv "$RUNTIME_VENV" 3.11 "$ROOT/requirements/runtime.txt" -e "$ROOT" ;;
-  controller) make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt" ;;
+  controller) make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt"; link_collection ;;
   all)
     install_packages
     make_venv "$RUNTIME_VENV" 3.11 "$ROOT/requirements/runtime.txt" -e "$ROOT"
     make_venv "$CONTROLLER_VENV" 3.12 "$ROOT/requirements/controller.txt"
+    link_collection
     ;;
   *) die "unknown target '$WHAT' (all|packages|runtime|controller)" ;;
 esac
