@@ -17,6 +17,8 @@ DEBIAN_PACKAGES=(
   qemu-system-x86 busybox-static swtpm swtpm-tools tpm2-tools libtss2-dev
   pkg-config xz-utils zstd cpio gcc make ca-certificates nginx
   postgresql
+  # The Xen lab (vims lab up --hypervisor xen): dom0 image build and QEMU overlay disks.
+  debootstrap qemu-utils openssh-client e2fsprogs
 )
 
 install_packages() {

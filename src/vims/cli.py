@@ -18,7 +18,7 @@ from vims.errors import VimsError
 from vims.lab.cli import lab
 from vims.rems.cli import rems
 from vims.tpm.cli import tpm
-from vims.vmi.cli import profile
+from vims.vmi.cli import events, profile
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +32,7 @@ cli.add_command(demo)
 cli.add_command(check)
 cli.add_command(baseline)
 cli.add_command(profile)
+cli.add_command(events)
 cli.add_command(tpm)
 cli.add_command(rems)
 cli.add_command(avm)

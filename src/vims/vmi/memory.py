@@ -117,6 +117,9 @@ class GuestMemory:
         if path is not None:
             self._file = path.open("rb")
             self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
+        elif self._pauser is None:
+            # A live domain: the hypervisor driver pauses it (Xen: domain pause).
+            self._pauser = self._vmi_paused
         stext = int(self.vmi.translate_ksym2v("_stext"))
         self.kaslr_offset: int = stext - profile.symbol("_stext")
         pgd = "init_top_pgt" if profile.has_symbol("init_top_pgt") else "swapper_pg_dir"
@@ -138,6 +141,18 @@ class GuestMemory:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def _vmi_paused(self) -> Iterator[None]:
+        """Pause through LibVMI's driver; always resume, even when the read failed."""
+        try:
+            self.vmi.pause_vm()
+        except self._libvmi_error as exc:
+            raise GuestMemoryError(f"LibVMI could not pause the domain: {exc}") from exc
+        try:
+            yield
+        finally:
+            self.vmi.resume_vm()
 
     @property
     def can_pause(self) -> bool:
