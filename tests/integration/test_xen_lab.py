@@ -25,7 +25,8 @@ from vims.lab import Lab, LabManager, LabSpec
 from vims.lab.kernel import ensure_kernel
 from vims.lab.xen import ssh_command
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+# The first test also builds the dom0 image (~4 min) and boots the lab (~3 min).
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs/report.schema.json").read_text())
 XEN_LAB = f"xen{os.getpid()}"
 PV, PVH = "cvm1", "cvm2"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -142,6 +143,12 @@ def _share_runtime(share: Path) -> None:
     src = Path(vims.__file__).parent
     shutil.copytree(src, share / "site" / "vims",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # Byte-compile here: dom0's Python (Debian's 3.11) takes 3.11 bytecode, and
+    # compiling under nested TCG costs a minute on the first `vims` in dom0.
+    import compileall
+
+    if sys.version_info[:2] == (3, 11):
+        compileall.compile_dir(share / "site", quiet=1, workers=2)
 
 
 def _ssh_key(ldir: Path, name: str) -> Path:
