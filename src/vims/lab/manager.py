@@ -446,6 +446,8 @@ class LabManager:
         if lab.hypervisor == "xen":
             self._xl(lab, "pause", domain)
             return lab
+        if domain is not None:
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
         qmp_command(Path(lab.qmp_socket), "stop")
         lab.state = "paused"
         return lab
@@ -455,6 +457,8 @@ class LabManager:
         if lab.hypervisor == "xen":
             self._xl(lab, "unpause", domain)
             return lab
+        if domain is not None:
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
         qmp_command(Path(lab.qmp_socket), "cont")
         lab.state = "running"
         return lab
