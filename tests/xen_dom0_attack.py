@@ -1,9 +1,12 @@
-"""Run in dom0 by tests/integration/test_xen_lab.py: a rootkit's edit of a domU, then a check.
+"""Run in dom0 by tests/integration/test_xen_lab.py: a rootkit's edits of a domU, and checks.
 
-``python xen_dom0_attack.py DOMAIN ATTACK CHECK`` opens the domain through
-LibVMI's XEN driver, pauses it, applies ATTACK by writing the domU's memory,
-runs CHECK on the modified memory, undoes the edit and resumes the domain.
-Prints the report (JSON) on stdout. The files it reads are on the lab's share.
+``python xen_dom0_attack.py DOMAIN ATTACK:CHECK ...`` opens the domain once
+through LibVMI's XEN driver (Python and LibVMI start slowly under nested TCG)
+and, for each pair, pauses the domain, applies ATTACK by writing the domU's
+memory, runs CHECK on the modified memory, undoes the edit and resumes. Then
+one more CHECK round per pair on the restored memory. Prints
+``{ATTACK: {"attacked": report, "after": report}}`` as JSON. The files it
+reads are on the lab's share.
 """
 
 from __future__ import annotations
@@ -56,13 +59,19 @@ def opened(domain: str) -> Iterator[GuestMemory]:
 
 
 def main() -> None:
-    domain, kind, check = sys.argv[1:4]
+    domain, pairs = sys.argv[1], [a.split(":", 1) for a in sys.argv[2:]]
     baseline = load(SHARE / f"baseline-{domain}.json")
     policy = json.loads((SHARE / "policy.json").read_text())
-    with opened(domain) as mem, mem.paused(), attack(mem, kind):
-        mem.flush()
-        report = run_round(mem, [check], baseline, policy, "none", {"domain": domain})
-    print(json.dumps(report))
+    out = {}
+    with opened(domain) as mem:
+        for kind, check in pairs:
+            with mem.paused(), attack(mem, kind):
+                mem.flush()
+                attacked = run_round(mem, [check], baseline, policy, "none",
+                                     {"domain": domain})
+            after = run_round(mem, [check], baseline, policy, "pause", {"domain": domain})
+            out[kind] = {"attacked": attacked, "after": after}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

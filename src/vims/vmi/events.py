@@ -98,6 +98,6 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
             with contextlib.suppress(LibvmiError):
                 vmi.listen(0)  # deliver what is in flight before the ring goes away
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), _stdout_to_stderr():
             vmi.destroy()
     return stats
