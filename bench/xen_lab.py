@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -61,11 +62,27 @@ def main() -> None:
             return subprocess.run(ssh_command(lab, cmd), check=True, capture_output=True,
                                   text=True, timeout=1800).stdout
 
+        loop = ("t0=$(date +%s%N); i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done; "
+                "t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))")
+
+        def domu_loop_ms() -> int:
+            res = mgr.exec(name, loop, timeout=300)
+            return int(res.stdout.strip().splitlines()[-1])
+
         dom0(f"vims baseline build --profile /vims/profile.json --initramfs "
              f"/vims/cvm-initrd.gz --domain {dom} --out /vims/baseline-{dom}.json")
         rounds = json.loads(dom0(f"cd /vims && /opt/vims/bin/python xen_dom0_rounds.py {dom} "
                                  f"{args.rounds}"))
         cr3 = json.loads(dom0(f"vims events cr3 --domain {dom} --seconds 5 --format json"))
+        # Cost of interception: the same fork/exec loop in the domU (its own clock)
+        # without and with a CR3-write monitor attached from dom0.
+        plain = [domu_loop_ms() for _ in range(3)]
+        with ThreadPoolExecutor(1) as pool:
+            watched = pool.submit(dom0, f"vims events cr3 --domain {dom} --seconds 150 "
+                                        "--format json")
+            time.sleep(45)  # dom0's Python import + LibVMI init, then the monitor is on
+            monitored = [domu_loop_ms() for _ in range(3)]
+            during = json.loads(watched.result())
     finally:
         mgr.down(name)
     result = {
@@ -75,6 +92,8 @@ def main() -> None:
         "lab_up_total_s": round(up_s, 1),
         "rounds": rounds,
         "cr3_events": cr3,
+        "cr3_cost": {"loop_300_forks_ms_plain": plain, "loop_300_forks_ms_monitored": monitored,
+                     "monitor_window": during},
     }
     print(json.dumps(result, indent=2))
     x, f = rounds["xen"], rounds["file"]
@@ -82,6 +101,8 @@ def main() -> None:
     print(f"{'LibVMI init (ms)':28}{x['libvmi_init_ms']:>14}{f['libvmi_init_ms']:>14}")
     print(f"{'full round, median (ms)':28}{x['round_median_ms']:>14}{f['round_median_ms']:>14}")
     print(f"{'full round, min (ms)':28}{x['round_min_ms']:>14}{f['round_min_ms']:>14}")
+    print(f"300 fork/execs in the domU: {min(plain)} ms plain, {min(monitored)} ms with CR3 "
+          f"monitoring ({during['events']} events in the window)")
     print(f"Xen + dom0 boot {lab.dom0_ready_seconds} s, PVH domU boot "
           f"{lab.domains[0]['ready_seconds']} s; CR3 events {cr3['events_per_second']}/s, "
           f"handler {cr3['handler_us_per_event']} us/event")

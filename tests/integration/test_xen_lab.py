@@ -37,15 +37,35 @@ TESTS = Path(__file__).parents[1]
 
 @pytest.fixture(scope="session")
 def xen_lab(lab_manager: LabManager) -> Lab:
-    """The session's Xen lab: booted once, torn down with every other test lab."""
+    """The session's Xen lab: booted once, torn down with every other test lab.
+
+    ``VIMS_TEST_XEN_LAB=RUN_DIR:NAME`` reuses a running lab (while developing).
+    """
+    reuse = os.environ.get("VIMS_TEST_XEN_LAB")
+    if reuse:
+        run_dir, name = reuse.rsplit(":", 1)
+        return LabManager(Path(run_dir)).get(name)
     return lab_manager.up(LabSpec(name=XEN_LAB, hypervisor="xen", cvms=2, domu_type="pv,pvh",
                                   memory=256 << 20, boot_timeout=600))
 
 
+def labcli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """``vims lab ...`` against the run directory that holds ``lab``."""
+    return vims("lab", *args, env={"VIMS_RUN_DIR": str(lab.dir.parents[1])})
+
+
 def dom0(lab: Lab, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """A command in dom0 over SSH, as Ansible reaches it."""
-    return subprocess.run(ssh_command(lab, command), capture_output=True, text=True,
+    proc = subprocess.run(ssh_command(lab, command), capture_output=True, text=True,
                           timeout=timeout, check=False)
+    if proc.returncode == 255 and not proc.stdout:
+        # ssh's own failure (seen once under heavy load, no message): retry once,
+        # verbosely, so that a second failure says why.
+        cmd = ssh_command(lab, command)
+        cmd[cmd.index("LogLevel=ERROR")] = "LogLevel=VERBOSE"
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    return proc
 
 
 def dom0_ok(lab: Lab, command: str, timeout: float = 300) -> str:
@@ -54,8 +74,9 @@ def dom0_ok(lab: Lab, command: str, timeout: float = 300) -> str:
     return proc.stdout
 
 
-def cvm(mgr: LabManager, lab: Lab, domain: str, command: str) -> str:
-    result = mgr.exec(lab.name, command, timeout=120, domain=domain)
+def cvm(_mgr: LabManager, lab: Lab, domain: str, command: str) -> str:
+    """A command in a C-VM domain through its bridged console."""
+    result = LabManager(lab.dir.parents[1]).exec(lab.name, command, timeout=120, domain=domain)
     assert result.exit_code == 0, (domain, command, result.stderr)
     return result.stdout
 
@@ -132,7 +153,7 @@ def hits(report: dict[str, Any], check_id: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- the lab
 def test_xen_lab_is_up_with_a_pv_and_a_pvh_domain(xen_lab: Lab) -> None:
-    proc = vims("lab", "status", xen_lab.name, "--format", "json")
+    proc = labcli(xen_lab, "status", xen_lab.name, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     (status,) = json.loads(proc.stdout)
     assert status["hypervisor"] == "xen"
@@ -143,14 +164,14 @@ def test_xen_lab_is_up_with_a_pv_and_a_pvh_domain(xen_lab: Lab) -> None:
     for dom in DOMAINS:
         assert any(line.split()[0] == dom for line in xl.splitlines()[1:]), xl
     # dom0's serial console channel, as `vims lab exec --dom0` uses it.
-    proc = vims("lab", "exec", xen_lab.name, "--dom0", "--timeout", "180", "--",
+    proc = labcli(xen_lab, "exec", xen_lab.name, "--dom0", "--timeout", "180", "--",
                 "cat /sys/hypervisor/version/major")
     assert (proc.returncode, proc.stdout.strip()) == (0, "4"), proc.stderr
 
 
 def test_exec_reaches_each_domu_through_its_console(lab_manager: LabManager,
                                                    xen_lab: Lab) -> None:
-    proc = vims("lab", "exec", xen_lab.name, "--timeout", "120", "--",
+    proc = labcli(xen_lab, "exec", xen_lab.name, "--timeout", "120", "--",
                 "uname -r; cat /proc/cmdline")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == xen_lab.kernel_release
@@ -158,7 +179,7 @@ def test_exec_reaches_each_domu_through_its_console(lab_manager: LabManager,
     # The guest kernel's own view of how Xen runs it.
     assert cvm(lab_manager, xen_lab, PV, "cat /sys/hypervisor/guest_type").strip() == "PV"
     assert cvm(lab_manager, xen_lab, PVH, "cat /sys/hypervisor/guest_type").strip() == "PVH"
-    proc = vims("lab", "exec", xen_lab.name, "--domain", "nosuch", "--", "true")
+    proc = labcli(xen_lab, "exec", xen_lab.name, "--domain", "nosuch", "--", "true")
     assert proc.returncode == 2
     assert "no domain 'nosuch'" in proc.stderr
 
@@ -240,15 +261,18 @@ def test_module_loaded_inside_the_domu_is_found(lab_manager: LabManager, xen_lab
 
 def test_unknown_executable_and_listener_are_found(lab_manager: LabManager, xen_lab: Lab,
                                                    baselines: dict[str, Path]) -> None:
-    cvm(lab_manager, xen_lab, PV, "cp /bin/busybox /tmp/evil; "
-        "/tmp/evil nc -l -p 4444 >/dev/null 2>&1 </dev/null &")
+    # A busybox copy outside the image (named busybox, so that it still runs its applets).
+    cvm(lab_manager, xen_lab, PV, "mkdir -p /tmp/x; cp /bin/busybox /tmp/x/busybox; "
+        "/tmp/x/busybox nc -l -p 4444 >/dev/null 2>&1 </dev/null &")
     try:
         rc, report = check(xen_lab, PV, "--checks process.code,process.allowlist")
         assert rc == 1
-        assert [f["evidence"]["exe"] for f in hits(report, "process.code")] == ["/tmp/evil"]
+        assert [f["evidence"]["exe"] for f in hits(report, "process.code")] == [
+            "/tmp/x/busybox"]
         assert hits(report, "process.allowlist")
     finally:
-        cvm(lab_manager, xen_lab, PV, "kill $(pidof nc); rm -f /tmp/evil; true")
+        cvm(lab_manager, xen_lab, PV, "kill $(ps | grep '[/]tmp/x/busybox' | "
+            "awk '{print $1}'); rm -rf /tmp/x; true")
 
 
 # ------------------------------------------------------------------ events
@@ -287,17 +311,19 @@ def test_bad_xen_arguments_are_one_line_errors(xen_lab: Lab) -> None:
 
 # -------------------------------------------------- pause and the way down
 def test_pause_and_resume_a_domain(xen_lab: Lab) -> None:
-    assert vims("lab", "pause", xen_lab.name, "--domain", PV).returncode == 0
+    assert labcli(xen_lab, "pause", xen_lab.name, "--domain", PV).returncode == 0
     state = dom0_ok(xen_lab, f"xl list {PV}").splitlines()[1].split()[4]
     assert "p" in state
-    assert vims("lab", "resume", xen_lab.name, "--domain", PV).returncode == 0
+    assert labcli(xen_lab, "resume", xen_lab.name, "--domain", PV).returncode == 0
     state = dom0_ok(xen_lab, f"xl list {PV}").splitlines()[1].split()[4]
     assert "p" not in state
 
 
 def test_zz_down_leaves_nothing_behind(lab_manager: LabManager, xen_lab: Lab) -> None:
+    if os.environ.get("VIMS_TEST_XEN_LAB"):
+        pytest.skip("a reused lab is the developer's to take down")
     pid, ldir = xen_lab.pid, xen_lab.dir
-    proc = vims("lab", "down", xen_lab.name)
+    proc = labcli(xen_lab, "down", xen_lab.name)
     assert proc.returncode == 0, proc.stderr
     assert not Path(f"/proc/{pid}").exists()
     assert not ldir.exists()

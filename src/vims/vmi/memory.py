@@ -15,6 +15,7 @@ crash; walkers turn that into an ``error`` status with a reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import struct
@@ -61,6 +62,9 @@ def _stdout_to_stderr() -> Iterator[None]:
     try:
         yield
     finally:
+        # The NUL may sit in C's stdout buffer (stdout a pipe): flush it to stderr now,
+        # or it reaches stdout at exit, after the JSON.
+        ctypes.CDLL(None).fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
 
