@@ -62,18 +62,25 @@ def main() -> None:
             return subprocess.run(ssh_command(lab, cmd), check=True, capture_output=True,
                                   text=True, timeout=1800).stdout
 
-        loop = ("t0=$(date +%s%N); i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done; "
-                "t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))")
+        # The domU's own clock (10 ms resolution): 300 fork/execs take seconds.
+        loop = ("t0=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt 300 ]; do /bin/true; "
+                "i=$((i+1)); done; t1=$(cut -d' ' -f1 /proc/uptime); "
+                "awk -v a=$t0 -v b=$t1 'BEGIN { printf \"%d\\n\", (b - a) * 1000 }'")
 
         def domu_loop_ms() -> int:
             res = mgr.exec(name, loop, timeout=300)
-            return int(res.stdout.strip().splitlines()[-1])
+            lines = res.stdout.strip().splitlines()
+            if res.exit_code or not lines:
+                raise SystemExit(f"domU loop failed: {res.stderr.strip()[-200:]}")
+            return int(lines[-1])
 
         dom0(f"vims baseline build --profile /vims/profile.json --initramfs "
              f"/vims/cvm-initrd.gz --domain {dom} --out /vims/baseline-{dom}.json")
         rounds = json.loads(dom0(f"cd /vims && /opt/vims/bin/python xen_dom0_rounds.py {dom} "
                                  f"{args.rounds}"))
+        print(json.dumps({"rounds": rounds}), file=sys.stderr)  # kept if a later step fails
         cr3 = json.loads(dom0(f"vims events cr3 --domain {dom} --seconds 5 --format json"))
+        print(json.dumps({"cr3": cr3}), file=sys.stderr)
         # Cost of interception: the same fork/exec loop in the domU (its own clock)
         # without and with a CR3-write monitor attached from dom0.
         plain = [domu_loop_ms() for _ in range(3)]
