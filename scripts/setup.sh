@@ -20,6 +20,8 @@ DEBIAN_PACKAGES=(
   # Molecule (podman with runc, name resolution between containers; the image is
   # debootstrapped) and the xl config syntax check of the xen_host role (libxlutil).
   podman runc debootstrap golang-github-containernetworking-plugin-dnsname libxenmisc4.17
+  # The Xen lab (vims lab up --hypervisor xen): dom0 image build and QEMU overlay disks.
+  qemu-utils openssh-client e2fsprogs
 )
 
 install_packages() {

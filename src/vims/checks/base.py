@@ -41,6 +41,9 @@ class Status(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     ERROR = "error"
+    # The check cannot say anything about this kind of guest (e.g. the IDT of a
+    # Xen PV domain, whose real trap table lives in Xen): reported, never a pass.
+    NOT_APPLICABLE = "not_applicable"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class CheckResult:
 
 class CheckError(Exception):
     """A check cannot run (missing baseline or policy input), said in one line."""
+
+
+class NotApplicable(CheckError):
+    """The check does not apply to this guest; the message says why."""
 
 
 class Context:
@@ -139,6 +146,8 @@ class Check(ABC):
             findings = self.run(ctx)
             status = Status.FAIL if findings else Status.PASS
             error = None
+        except NotApplicable as exc:
+            findings, status, error = [], Status.NOT_APPLICABLE, str(exc)
         except Exception as exc:  # noqa: BLE001 - guest data is hostile: never crash
             findings, status = [], Status.ERROR
             error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckError) else str(exc)

@@ -125,26 +125,32 @@ def baseline() -> None:
 @click.option("--rootfs", type=click.Path(path_type=Path), help="Golden root directory.")
 @click.option("--memory", type=click.Path(path_type=Path),
               help="RAM of a clean guest: IDT, module sizes and kernel text pages.")
+@click.option("--domain", help="A clean live domain instead of --memory (LibVMI XEN/KVM).")
+@click.option("--mode", type=click.Choice(["xen", "kvm"]), default="xen", show_default=True,
+              help="LibVMI driver for --domain.")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def build(profile_path: Path, initramfs: Path | None, rootfs: Path | None,
-          memory: Path | None, out: Path) -> None:
+          memory: Path | None, domain: str | None, mode: str, out: Path) -> None:
     """Build a baseline from a golden image and/or a clean guest's memory."""
     from vims import ui
     from vims.baseline import clean_guest_state, load_image_files, new_baseline, save
 
     if initramfs is not None and rootfs is not None:
         raise VimsError("give --initramfs or --rootfs, not both")
-    if initramfs is None and rootfs is None and memory is None:
-        raise VimsError("nothing to baseline: give --initramfs/--rootfs and/or --memory")
+    if memory is not None and domain is not None:
+        raise VimsError("give --memory or --domain, not both")
+    if initramfs is None and rootfs is None and memory is None and domain is None:
+        raise VimsError("nothing to baseline: give --initramfs/--rootfs and/or --memory/--domain")
     profile = Profile.load(profile_path)
     data = new_baseline(profile)
     with ui.step("hashing executables' text"):
         data["executables"] = load_image_files(initramfs, rootfs)
-    if memory is not None:
+    if memory is not None or domain is not None:
         with ui.step("reading the clean guest's kernel state"), \
-                open_memory(profile, memory, None) as mem, mem.paused():
+                open_memory(profile, memory, domain, mode) as mem, mem.paused():
             data.update(clean_guest_state(mem))
     save(data, out)
     click.echo(f"{out}: {len(data['executables'])} executables"
-               + (f", {len(data['modules'])} modules, IDT, kernel text" if memory else ""))
+               + (f", {len(data['modules'])} modules, IDT, kernel text"
+                  if memory or domain else ""))
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 import struct
 from typing import Any, ClassVar
 
-from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.checks.base import (
+    Category,
+    Check,
+    CheckError,
+    Context,
+    Finding,
+    NotApplicable,
+    Severity,
+)
 from vims.vmi.linux import (
     MAX_MODULES,
     WalkError,
     idt_handlers,
     is_kernel_pointer,
     list_for_each,
+    xen_guest_type,
 )
 from vims.vmi.memory import GuestMemory, MemoryReadError
 
@@ -55,6 +64,11 @@ class IdtCheck(Check):
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
+        if xen_guest_type(ctx.mem) == "pv":
+            raise NotApplicable(
+                "Xen PV domain: exceptions and interrupts are dispatched through the trap "
+                "table the kernel handed to Xen (HYPERVISOR_set_trap_table), kept in Xen's "
+                "memory; idt_table in the guest is not what the CPU uses")
         baseline: list[int] = ctx.need_baseline("idt")
         slide = ctx.mem.kaslr_offset
         out = []

@@ -19,6 +19,19 @@ FORMAT = click.option(
 
 
 def _describe(lab: Lab) -> str:
+    if lab.hypervisor == "xen":
+        lines = [
+            f"lab        {lab.name} (Xen 4.17 + dom0 under QEMU {lab.accel.upper()}, {lab.state}, "
+            f"pid {lab.pid})",
+            f"dom0       console {lab.serial_socket} (log {lab.serial_log})",
+            f"ssh        ssh -i {lab.ssh_key} -p {lab.ssh_port} root@127.0.0.1",
+            f"share      {lab.share_dir} (/vims in dom0)",
+        ]
+        for d in lab.domains:
+            lines.append(f"C-VM       domain {d['name']} (id {d['domid']}, {d['type'].upper()}, "
+                         f"{d['memory_mb']} MiB, {lab.kernel_release}) "
+                         f"console {d['console_socket']}")
+        return "\n".join(lines)
     return "\n".join([
         f"lab        {lab.name} ({lab.state}, pid {lab.pid}, {lab.accel.upper()})",
         f"kernel     {lab.kernel} ({lab.kernel_release}, KASLR {'on' if lab.kaslr else 'off'})",
@@ -40,7 +53,8 @@ def lab() -> None:
 
 @lab.command()
 @click.option("--name", default="cvm", show_default=True, help="Lab name (a-z, 0-9, '-').")
-@click.option("--memory", default="512M", show_default=True, help="Guest RAM (256M-3G).")
+@click.option("--memory", default=None,
+              help="Guest RAM (256M-3G; default 512M, 256M per domain on Xen).")
 @click.option("--no-kaslr", is_flag=True, help="Boot with KASLR off.")
 @click.option("--http-port", type=int, default=None, help="Host port for the guest's httpd.")
 @click.option("--churn", is_flag=True, help="Start with the process-churn generator on.")
@@ -49,14 +63,36 @@ def lab() -> None:
 @click.option("--kernel", type=click.Path(path_type=Path), default=None,
               help="Boot this bzImage instead of the cached Debian kernel (needs --initrd).")
 @click.option("--initrd", type=click.Path(path_type=Path), default=None, help="Initramfs to boot.")
-@click.option("--timeout", type=float, default=180.0, show_default=True,
-              help="Seconds to wait for the ready line.")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds to wait for each ready line (default 180; 600 on Xen).")
+@click.option("--hypervisor", type=click.Choice(["qemu", "xen"]), default="qemu",
+              show_default=True,
+              help="qemu: the C-VM is a QEMU guest. xen: Xen 4.17 + dom0 under QEMU, "
+                   "C-VMs as domUs.")
+@click.option("--cvms", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Xen: C-VM domains to create (cvm1..cvmN).")
+@click.option("--domu-type", default="pv", show_default=True,
+              help="Xen: pv or pvh C-VM domains; a list (pv,pvh) mixes them in turn.")
 @FORMAT
-def up(name: str, memory: str, no_kaslr: bool, http_port: int | None, churn: bool, accel: str,
-       kernel: Path | None, initrd: Path | None, timeout: float, fmt: str) -> None:
+def up(name: str, memory: str | None, no_kaslr: bool, http_port: int | None, churn: bool,
+       accel: str, kernel: Path | None, initrd: Path | None, timeout: float | None,
+       hypervisor: str, cvms: int, domu_type: str, fmt: str) -> None:
     """Boot a lab C-VM and wait until its workload is ready."""
-    spec = LabSpec(name=name, memory=parse_size(memory), kaslr=not no_kaslr, http_port=http_port,
-                   kernel=kernel, initrd=initrd, accel=accel, churn=churn, boot_timeout=timeout)
+    xen = hypervisor == "xen"
+    if xen:
+        from vims.lab.xen import domu_types
+
+        domu_types(domu_type)  # a bad value is a usage error before anything boots
+    if not xen and (cvms != 1 or domu_type != "pv"):
+        raise click.UsageError("--cvms and --domu-type need --hypervisor xen")
+    if xen and (kernel or initrd or http_port or churn or no_kaslr or accel != "auto"):
+        raise click.UsageError("--hypervisor xen boots the lab kernel under TCG; it takes "
+                               "no --kernel/--initrd/--http-port/--churn/--no-kaslr/--accel")
+    spec = LabSpec(name=name, memory=parse_size(memory or ("256M" if xen else "512M")),
+                   kaslr=not no_kaslr, http_port=http_port, kernel=kernel, initrd=initrd,
+                   accel=accel, churn=churn,
+                   boot_timeout=timeout or (600.0 if xen else 180.0),
+                   hypervisor=hypervisor, cvms=cvms, domu_type=domu_type)
     booted = LabManager().up(spec)
     _print(booted.to_public(), fmt, _describe(booted) + f"\nready in   {booted.ready_seconds} s")
 
@@ -76,10 +112,16 @@ def status(name: str | None, fmt: str) -> None:
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--dom0", is_flag=True, help="Xen lab: run in dom0 (over its serial console).")
+@click.option("--domain", default=None, help="Xen lab: the C-VM domain (default: the first).")
 @FORMAT
-def exec_(name: str, command: tuple[str, ...], timeout: float, fmt: str) -> None:
+def exec_(name: str, command: tuple[str, ...], timeout: float, dom0: bool, domain: str | None,
+          fmt: str) -> None:
     """Run a shell command in the guest (vims lab exec N -- CMD); exit with its status."""
-    result = LabManager().exec(name, " ".join(command), timeout=timeout)
+    if dom0 and domain:
+        raise click.UsageError("give --dom0 or --domain, not both")
+    result = LabManager().exec(name, " ".join(command), timeout=timeout, dom0=dom0,
+                               domain=domain)
     if fmt == "json":
         _print({"stdout": result.stdout, "stderr": result.stderr,
                 "exit_code": result.exit_code}, fmt, "")
@@ -91,17 +133,19 @@ def exec_(name: str, command: tuple[str, ...], timeout: float, fmt: str) -> None
 
 @lab.command()
 @click.argument("name")
-def pause(name: str) -> None:
-    """Stop the guest's vCPUs (QMP stop)."""
-    LabManager().pause(name)
+@click.option("--domain", default=None, help="Xen lab: one C-VM domain (default: all).")
+def pause(name: str, domain: str | None) -> None:
+    """Stop the guest's vCPUs (QMP stop; xl pause on a Xen lab)."""
+    LabManager().pause(name, domain)
     click.echo(f"lab '{name}' paused")
 
 
 @lab.command()
 @click.argument("name")
-def resume(name: str) -> None:
-    """Resume the guest's vCPUs (QMP cont)."""
-    LabManager().resume(name)
+@click.option("--domain", default=None, help="Xen lab: one C-VM domain (default: all).")
+def resume(name: str, domain: str | None) -> None:
+    """Resume the guest's vCPUs (QMP cont; xl unpause on a Xen lab)."""
+    LabManager().resume(name, domain)
     click.echo(f"lab '{name}' running")
 
 

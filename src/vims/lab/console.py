@@ -21,6 +21,7 @@ from vims.errors import GuestCommandError
 
 # The tty's canonical-mode line limit is 4096 bytes; stay well under it.
 MAX_COMMAND_BYTES = 2048
+PACE_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,14 @@ def _parse(buf: str, token: str) -> GuestResult | None:
 
 
 def run_in_guest(
-    serial_socket: Path, lock_path: Path, command: str, timeout: float = 30.0
+    serial_socket: Path, lock_path: Path, command: str, timeout: float = 30.0,
+    pace: float = 0.0,
 ) -> GuestResult:
-    """Run ``command`` with /bin/sh in the guest and wait for it (bounded by ``timeout``)."""
+    """Run ``command`` with /bin/sh in the guest and wait for it (bounded by ``timeout``).
+
+    ``pace`` > 0 sends the line in small pieces that far apart (seconds): Xen's
+    serial console drops input that arrives faster than a busy dom0 reads it.
+    """
     if len(command.encode()) > MAX_COMMAND_BYTES:
         raise GuestCommandError(
             f"command is {len(command.encode())} bytes; "
@@ -81,7 +87,13 @@ def run_in_guest(
             except OSError as exc:
                 raise GuestCommandError(f"cannot reach the guest console: {exc}") from exc
             # A fresh line first, in case a previous client left a partial one.
-            sock.sendall(b"\n" + _framed(command, token))
+            line = b"\n" + _framed(command, token)
+            if pace <= 0:
+                sock.sendall(line)
+            else:
+                for pos in range(0, len(line), PACE_BYTES):
+                    sock.sendall(line[pos:pos + PACE_BYTES])
+                    time.sleep(pace)
             raw = b""
             while True:
                 remaining = deadline - time.monotonic()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vims import ui
 from vims.errors import LabError
@@ -65,6 +66,9 @@ class LabSpec:
     churn: bool = False
     smp: int = 1
     boot_timeout: float = 180.0
+    hypervisor: str = "qemu"  # qemu: the C-VM is QEMU's guest | xen: a domU of a nested Xen
+    cvms: int = 1  # xen: C-VM domains to create (cvm1..cvmN)
+    domu_type: str = "pv"  # xen: pv | pvh
 
 
 @dataclass
@@ -89,6 +93,14 @@ class Lab:
     ready_seconds: float = 0.0
     cmdline: list[str] = field(default_factory=list)
     state: str = "running"
+    # The Xen lab (hypervisor == "xen"): the QEMU process above runs Xen and dom0;
+    # the C-VMs are the domUs below (each a vims.lab.xen.Domain as a dict).
+    hypervisor: str = "qemu"
+    ssh_port: int = 0
+    ssh_key: str = ""
+    share_dir: str = ""
+    dom0_ready_seconds: float = 0.0
+    domains: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
@@ -187,8 +199,10 @@ class LabManager:
         return reaped
 
     def _cleanup(self, name: str, lab: Lab | None) -> None:
-        ram = Path(lab.ram_path) if lab else self.ram_dir / f"vims-{name}.ram"
-        ram.unlink(missing_ok=True)
+        # A Xen lab's RAM is QEMU's own (anonymous) memory: there is no file.
+        if lab is None or lab.ram_path:
+            ram = Path(lab.ram_path) if lab else self.ram_dir / f"vims-{name}.ram"
+            ram.unlink(missing_ok=True)
         shutil.rmtree(self._dir(name), ignore_errors=True)
 
     def get(self, name: str) -> Lab:
@@ -236,6 +250,8 @@ class LabManager:
     def up(self, spec: LabSpec) -> Lab:
         """Boot a lab C-VM and wait for its ready line."""
         self._check_name(spec.name)
+        if spec.hypervisor not in ("qemu", "xen"):
+            raise LabError(f"bad hypervisor '{spec.hypervisor}' (qemu or xen)")
         if not MIN_MEMORY <= spec.memory <= MAX_MEMORY:
             raise LabError(
                 f"memory {spec.memory >> 20} MiB out of range "
@@ -289,6 +305,12 @@ class LabManager:
         return port, ram
 
     def _boot(self, spec: LabSpec, ldir: Path) -> Lab:
+        if spec.hypervisor == "xen":
+            from vims.lab.xen import boot_xen_lab
+
+            lab, _ = boot_xen_lab(spec, ldir, Lab)
+            self._save(lab)
+            return lab
         port, ram = self._preflight(spec)
         release = "unknown"
         if spec.kernel is None:
@@ -371,10 +393,24 @@ class LabManager:
 
     # ----------------------------------------------------------- operations
     def exec(self, name: str, command: str, timeout: float = 30.0,
-             pause_grace: float = 2.0) -> GuestResult:
+             pause_grace: float = 2.0, *, dom0: bool = False,
+             domain: str | None = None) -> GuestResult:
         """Run a command in the guest. A short pause (an A-VM's consistent read) is
-        waited out; a guest paused for longer than ``pause_grace`` is an error."""
+        waited out; a guest paused for longer than ``pause_grace`` is an error.
+
+        On a Xen lab the command runs in a C-VM domain (``domain``, else the first)
+        through its bridged console, or in dom0 with ``dom0=True``."""
         lab = self.get(name)
+        if lab.hypervisor == "xen":
+            from vims.lab.xen import dom0_exec
+
+            if dom0:
+                return dom0_exec(lab, command, timeout)
+            dom = self.domain(lab, domain)
+            return run_in_guest(Path(dom["console_socket"]),
+                                lab.dir / f"console-{dom['name']}.lock", command, timeout)
+        if dom0 or domain is not None:
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no dom0 or domains")
         deadline = time.monotonic() + min(pause_grace, timeout)
         while lab.state == "paused" and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -383,14 +419,46 @@ class LabManager:
             raise LabError(f"lab '{name}' is paused (vims lab resume {name})")
         return run_in_guest(Path(lab.serial_socket), lab.dir / "console.lock", command, timeout)
 
-    def pause(self, name: str) -> Lab:
+    @staticmethod
+    def domain(lab: Lab, name: str | None) -> dict[str, Any]:
+        """A C-VM domain of a Xen lab by name (the first one when None)."""
+        if not lab.domains:
+            raise LabError(f"lab '{lab.name}' has no C-VM domains")
+        if name is None:
+            return lab.domains[0]
+        for dom in lab.domains:
+            if dom["name"] == name:
+                return dom
+        known = ", ".join(d["name"] for d in lab.domains)
+        raise LabError(f"lab '{lab.name}' has no domain '{name}' (domains: {known})")
+
+    def _xl(self, lab: Lab, verb: str, domain: str | None) -> None:
+        from vims.lab.xen import dom0_ok
+
+        names = [self.domain(lab, domain)["name"]] if domain else [
+            d["name"] for d in lab.domains]
+        for dom in names:
+            dom0_ok(lab, f"xl {verb} {dom}")
+
+    def pause(self, name: str, domain: str | None = None) -> Lab:
+        """Stop the C-VM: QMP stop, or `xl pause` of its domains on a Xen lab."""
         lab = self.get(name)
+        if lab.hypervisor == "xen":
+            self._xl(lab, "pause", domain)
+            return lab
+        if domain is not None:
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
         qmp_command(Path(lab.qmp_socket), "stop")
         lab.state = "paused"
         return lab
 
-    def resume(self, name: str) -> Lab:
+    def resume(self, name: str, domain: str | None = None) -> Lab:
         lab = self.get(name)
+        if lab.hypervisor == "xen":
+            self._xl(lab, "unpause", domain)
+            return lab
+        if domain is not None:
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
         qmp_command(Path(lab.qmp_socket), "cont")
         lab.state = "running"
         return lab
@@ -418,6 +486,9 @@ class LabManager:
         if not out.parent.is_dir():
             raise LabError(f"directory {out.parent} does not exist")
         tmp = out.with_name(out.name + ".partial")
+        if self.get(name).hypervisor == "xen":
+            raise LabError(f"lab '{name}' is a Xen lab: its C-VMs' memory is Xen's, not a file "
+                           "(xl dump-core in dom0 writes a domain's core)")
         with self.paused(name) as lab:
             try:
                 with open(lab.ram_path, "rb") as src, tmp.open("wb") as dst:

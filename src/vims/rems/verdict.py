@@ -130,6 +130,10 @@ def appraise(report: dict[str, Any], policy: VerdictPolicy) -> Appraisal:
     categories: dict[str, str] = {}
     for check in report.get("checks", []):
         cat = check.get("category")
+        if check.get("status") == "not_applicable":
+            # Covers nothing: must not make its category affirming.
+            reasons.append(f"{check.get('id')}: not applicable: {check.get('error')}")
+            continue
         if cat in vector:
             categories[check.get("id", "")] = cat
             vector[cat] = max(vector[cat], TIERS["affirming"])

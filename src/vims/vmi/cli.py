@@ -73,3 +73,27 @@ def build(kernel: Path, out: Path, isf: Path | None, fmt: str) -> None:
         *([f"isf        {isf} ({isf_counts['bytes'] >> 10} KiB)"] if isf else []),
         f"took       {took} s",
     ]))
+
+
+@click.group()
+def events() -> None:
+    """Hypervisor events on a live domain (LibVMI; Xen HVM/PVH domains, from dom0)."""
+
+
+@events.command("cr3")
+@click.option("--domain", required=True, help="Live domain name.")
+@click.option("--seconds", type=click.FloatRange(0.1, 600), default=5.0, show_default=True,
+              help="How long to monitor.")
+@click.option("--mode", type=click.Choice(["xen", "kvm"]), default="xen", show_default=True)
+@FORMAT
+def cr3(domain: str, seconds: float, mode: str, fmt: str) -> None:
+    """Count the domain's CR3 writes (address-space switches) for a while."""
+    from vims.vmi.events import measure_cr3
+
+    stats = measure_cr3(domain, seconds, mode).public()
+    if fmt == "json":
+        click.echo(json.dumps(stats, indent=2))
+    else:
+        click.echo(f"{domain}: {stats['events']} CR3 writes in {stats['seconds']} s "
+                   f"({stats['events_per_second']}/s), {stats['distinct_roots']} distinct "
+                   f"page-table roots, handler {stats['handler_us_per_event']} us/event")

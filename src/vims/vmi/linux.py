@@ -36,6 +36,22 @@ def idt_handlers(mem: GuestMemory) -> list[int]:
     return out
 
 
+XEN_DOMAIN_TYPES = {0: "native", 1: "pv", 2: "hvm"}  # enum xen_domain_type
+
+
+def xen_guest_type(mem: GuestMemory) -> str:
+    """How the guest kernel runs: native, pv, hvm or pvh (from its own xen_domain_type).
+
+    Feature-detected by symbol: a kernel built without Xen support is native.
+    """
+    if not mem.profile.has_symbol("xen_domain_type"):
+        return "native"
+    kind = XEN_DOMAIN_TYPES.get(mem.u32(mem.sym("xen_domain_type")), "unknown")
+    if kind == "hvm" and mem.profile.has_symbol("xen_pvh") and mem.read(mem.sym("xen_pvh"), 1)[0]:
+        return "pvh"
+    return kind
+
+
 class WalkError(Exception):
     """A kernel structure is inconsistent or unreadable (corrupt or tampered)."""
 

@@ -15,6 +15,7 @@ crash; walkers turn that into an ``error`` status with a reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import struct
@@ -61,6 +62,9 @@ def _stdout_to_stderr() -> Iterator[None]:
     try:
         yield
     finally:
+        # The NUL may sit in C's stdout buffer (stdout a pipe): flush it to stderr now,
+        # or it reaches stdout at exit, after the JSON.
+        ctypes.CDLL(None).fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
 
@@ -117,6 +121,9 @@ class GuestMemory:
         if path is not None:
             self._file = path.open("rb")
             self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
+        elif self._pauser is None:
+            # A live domain: the hypervisor driver pauses it (Xen: domain pause).
+            self._pauser = self._vmi_paused
         stext = int(self.vmi.translate_ksym2v("_stext"))
         self.kaslr_offset: int = stext - profile.symbol("_stext")
         pgd = "init_top_pgt" if profile.has_symbol("init_top_pgt") else "swapper_pg_dir"
@@ -124,7 +131,8 @@ class GuestMemory:
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        # The Xen driver's teardown writes the same stray NUL to C stdout as init.
+        with contextlib.suppress(Exception), _stdout_to_stderr():
             self.vmi.destroy()
         if self._map is not None:
             self._map.close()
@@ -138,6 +146,18 @@ class GuestMemory:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def _vmi_paused(self) -> Iterator[None]:
+        """Pause through LibVMI's driver; always resume, even when the read failed."""
+        try:
+            self.vmi.pause_vm()
+        except self._libvmi_error as exc:
+            raise GuestMemoryError(f"LibVMI could not pause the domain: {exc}") from exc
+        try:
+            yield
+        finally:
+            self.vmi.resume_vm()
 
     @property
     def can_pause(self) -> bool:
