@@ -142,8 +142,9 @@ class SocketsCheck(Check):
                             f"{t.comm} ({t.pid}) listens on {sock.kind} port {sock.local_port}",
                             process=_who(t), socket=sock.public()))
                 # A connection on a port the app may listen on was accepted, not made.
-                # A closed TCP socket (peer gone, port released) connects nothing any more.
-                elif sock.remote_port and sock.state != "close" and \
+                # A closed TCP socket connects nothing any more; its port is released
+                # (0) a moment before its state says so, which a pause can fall between.
+                elif sock.remote_port and sock.local_port and sock.state != "close" and \
                         (sock.kind, sock.local_port) not in serving and \
                         not _allowed(sock, listen, remote=False) and \
                         not _allowed(sock, (app or {}).get("connect", []), remote=True):

@@ -2,12 +2,15 @@
 
 Consistency: a running guest can be read mid-update (a torn list). ``pause``
 stops the guest for the round (QMP stop/cont in the lab, LibVMI pause on Xen);
-``retry`` re-runs the round until two consecutive rounds agree; ``none`` reads
-once. ``auto`` (the default) pauses when the backend can and retries otherwise.
+``retry`` re-runs the round until two consecutive rounds agree (when they never
+do, only the findings every attempt saw are kept: a busy guest's forks are not
+hidden tasks); ``none`` reads once. ``auto`` (the default) pauses when the
+backend can and retries otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from typing import Any
@@ -40,6 +43,15 @@ def _round(ctx: Context, ids: list[str]) -> list[CheckResult]:
     return results
 
 
+def _only(result: CheckResult, keys: set[tuple[str, str]]) -> CheckResult:
+    """*result* with only the findings whose key is in *keys* (status follows)."""
+    kept = [f for f in result.findings if f.key() in keys]
+    status = result.status
+    if status is Status.FAIL and not kept:
+        status = Status.PASS
+    return dataclasses.replace(result, findings=kept, status=status)
+
+
 def _signature(results: list[CheckResult]) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:
     return [(r.id, str(r.status), tuple(sorted(f.key() for f in r.findings))) for r in results]
 
@@ -68,13 +80,22 @@ def run_round(mem: GuestMemory, ids: list[str], baseline: dict[str, Any] | None,
     elif mode == "retry":
         results = _round(ctx, ids)
         view = _semantic_view(ctx)
+        every = {r.id: {f.key() for f in r.findings} for r in results}
+        agreed = False
         while attempts < MAX_RETRIES:
             mem.flush()
             again = _round(ctx, ids)
             attempts += 1
+            for r in again:
+                every[r.id] = every.get(r.id, set()) & {f.key() for f in r.findings}
             if _signature(again) == _signature(results):
+                agreed = True
                 break
             results, view = again, _semantic_view(ctx)
+        if not agreed:
+            # The guest kept changing under the reads: keep only what every attempt saw.
+            # A hidden task or a hook persists; a task caught mid-fork does not.
+            results = [_only(r, every.get(r.id, set())) for r in results]
     else:
         results = _round(ctx, ids)
         view = _semantic_view(ctx)
