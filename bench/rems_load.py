@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from vims.avm.evidence import VtpmEvidence
-from vims.lab.deploy import write_rems_config
+from vims.lab.deploy import write_rems_config, write_rems_pki
 from vims.protocol.core import AvmConnection
 from vims.protocol.events import ConnectionClosed, Event, HandshakeComplete, ReportAcked
 from vims.protocol.messages import Capabilities, Evidence, Quote
@@ -137,11 +137,7 @@ class Deployment:
 def setup(root: Path, max_n: int) -> Deployment:
     """CA, server cert, N client certs, one manufactured swtpm with DRTM PCR 17 and an AK."""
     pki = root / "pki"
-    pki.mkdir(parents=True)
-    ca = CertificateAuthority.create()
-    (pki / "ca.pem").write_bytes(ca.cert_pem)
-    ca.issued.write(pki / "ca.pem", pki / "ca.key")
-    ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
+    ca = write_rems_pki(pki)
     tpm_ca = LocalCa(root / "tpm-ca")
     swtpm = Swtpm(root / "swtpm", tpm_ca)
     swtpm.manufacture()

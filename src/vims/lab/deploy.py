@@ -155,6 +155,15 @@ server_key = "{pki / 'rems.key'}"
     return channel, http
 
 
+def write_rems_pki(pki: Path) -> CertificateAuthority:
+    """A new REM-S CA and server certificate, laid out as :func:`write_rems_config` reads."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ca = CertificateAuthority.create()
+    ca.issued.write(pki / "ca.pem", pki / "ca.key")
+    ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
+    return ca
+
+
 def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
            local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1") -> LabDeployment:
     """Create the REM-S and A-VM configuration under ``root``.
@@ -164,11 +173,7 @@ def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
     """
     root.mkdir(parents=True, exist_ok=True)
     pki = root / "pki"
-    pki.mkdir(exist_ok=True)
-    ca = CertificateAuthority.create()
-    (pki / "ca.pem").write_bytes(ca.cert_pem)
-    ca.issued.write(pki / "ca.pem", pki / "ca.key")
-    ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
+    write_rems_pki(pki)
     token = secrets.token_hex(24)
     (root / "admin.token").write_text(token + "\n")
     (root / "admin.token").chmod(0o600)
