@@ -6,13 +6,15 @@ labs, and every lab they start is torn down at the end, even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ os.environ["VIMS_RUN_DIR"] = _RUN_DIR
 from vims.lab import Lab, LabManager, LabSpec  # noqa: E402 - after VIMS_RUN_DIR is set
 
 if TYPE_CHECKING:
+    from vims.lab.deploy import LabDeployment
     from vims.vmi.memory import GuestMemory
 
 SESSION_LAB = f"pt{os.getpid()}"
@@ -43,6 +46,35 @@ def start_bg(mgr: LabManager, lab: Lab, cmd: str, comm: str, mark: str) -> None:
     sh(mgr, lab, f"for i in $(seq 100); do for p in $(grep -l {mark} /proc/[0-9]*/cmdline "
        "2>/dev/null); do read c < ${p%/cmdline}/comm 2>/dev/null && "
        f"[ \"$c\" = {comm} ] && exit 0; done; sleep 0.05; done; exit 1")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> float:
+    """Seconds until ``cond()`` holds; fails after ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if cond():
+            return time.monotonic() - start
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextlib.contextmanager
+def lab_deployment(prefix: str, **kwargs: Any) -> Iterator[LabDeployment]:
+    """A REM-S + A-VM deployment (vims.lab.deploy) in a temporary root; on the way out
+    its processes stop and their logs' tails go to stderr, where a failure shows them."""
+    from vims.lab.deploy import deploy
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    dep = deploy(root / "vims", **kwargs)
+    try:
+        yield dep
+    finally:
+        dep.close()
+        for name in ("rems", "avm"):
+            log = root / "vims" / f"{name}.log"
+            if log.exists():
+                sys.stderr.write(f"--- {name}.log (tail)\n{log.read_text()[-3000:]}\n")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def vims(*args: str, env: dict[str, str] | None = None, timeout: float = 300,

@@ -26,6 +26,7 @@ COMMANDS = {
     "tpm": "vims.tpm.cli:tpm",
     "rems": "vims.rems.cli:rems",
     "avm": "vims.avm.cli:avm",
+    "behaviour": "vims.trace.cli:behaviour",
 }
 
 

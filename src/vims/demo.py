@@ -152,7 +152,7 @@ def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -
     import shutil
     import tempfile
 
-    from vims.checks import ALL_CHECKS
+    from vims.checks import DEFAULT_CHECKS
     from vims.gate.nginx import GateRoute, NginxGate
     from vims.lab.deploy import deploy
     from vims.net import free_port
@@ -172,7 +172,7 @@ def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -
     port = free_port()
     try:
         dep.start_rems()
-        policy = {"checks": [{"id": c, "interval_s": 2} for c in ALL_CHECKS],
+        policy = {"checks": [{"id": c, "interval_s": 2} for c in DEFAULT_CHECKS],
                   "stale_after_intervals": 3, "quote_every": 3}
         dep.put("/v1/policies/lab", json.dumps(policy).encode())
         dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}')

@@ -19,7 +19,7 @@ import pytest
 from tests.attacks import patched, unlinked
 from tests.conftest import sh, start_bg, vims
 from vims.baseline import load as load_baseline
-from vims.checks import ALL_CHECKS
+from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
 from vims.lab import Lab, LabManager, LabSpec
 from vims.vmi.linux import Linux
@@ -115,7 +115,7 @@ def test_clean_guest_passes_every_check(mem: GuestMemory, baseline: dict[str, An
     failed = [(c["id"], c["error"]) for c in report["checks"] if c["status"] != "pass"]
     assert failed == [], report["findings"]
     assert report["result"] == "pass"
-    assert [c["id"] for c in report["checks"]] == list(ALL_CHECKS)
+    assert [c["id"] for c in report["checks"]] == list(DEFAULT_CHECKS)
 
 
 def test_clean_guest_under_churn_has_no_false_positives(

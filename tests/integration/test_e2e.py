@@ -19,18 +19,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import lab_deployment, wait_for
 from tests.pg import private_postgres
-from vims.checks import ALL_CHECKS
+from vims.checks import DEFAULT_CHECKS
 from vims.gate.nginx import GateRoute, NginxGate
 from vims.lab import Lab, LabManager
-from vims.lab.deploy import LAUNCH_DATA, LabDeployment, deploy
+from vims.lab.deploy import LAUNCH_DATA, LabDeployment
 from vims.net import free_port
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
@@ -39,16 +40,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 INTERVAL = 2.0
 STALE_AFTER = 3  # intervals
 KEXEC_LOAD = 246  # a system call the lab never makes: safe to hook while it runs
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> float:
-    """Seconds until ``cond()`` holds; fails after ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if cond():
-            return time.monotonic() - start
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @contextmanager
@@ -69,18 +60,9 @@ def kexec_load_hooked(lab: Lab, lab_manager: LabManager, profile_path: Path) -> 
 @pytest.fixture
 def deployment(lab: Lab, profile_path: Path, baseline_path: Path,
                lab_policy: Path) -> Iterator[LabDeployment]:
-    root = Path(tempfile.mkdtemp(prefix="vims-e2e-"))
-    dep = deploy(root / "vims", ram=Path(lab.ram_path), profile=profile_path,
-                 baseline=baseline_path, local_policy=lab_policy)
-    try:
+    with lab_deployment("vims-e2e-", ram=Path(lab.ram_path), profile=profile_path,
+                        baseline=baseline_path, local_policy=lab_policy) as dep:
         yield dep
-    finally:
-        dep.close()
-        for name in ("rems", "avm"):
-            log = root / "vims" / f"{name}.log"
-            if log.exists():
-                sys.stderr.write(f"--- {name}.log (tail)\n{log.read_text()[-3000:]}\n")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -128,7 +110,7 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
                                          webhook: list[dict[str, object]]) -> None:
     dep = deployment
     dep.start_rems()
-    policy = {"checks": [{"id": c, "interval_s": INTERVAL} for c in ALL_CHECKS],
+    policy = {"checks": [{"id": c, "interval_s": INTERVAL} for c in DEFAULT_CHECKS],
               "stale_after_intervals": STALE_AFTER, "quote_every": 3, "heartbeat_s": 2}
     assert dep.put("/v1/policies/lab", json.dumps(policy).encode()) == 200
     assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}') == 200
@@ -190,7 +172,7 @@ def test_attest_on_demand_sees_an_attack_before_the_next_scheduled_round(
     """POST /v1/attest: a fresh, quoted round now, whatever the policy's intervals."""
     dep = deployment
     dep.start_rems()
-    slow = {"checks": [{"id": c, "interval_s": 600} for c in ALL_CHECKS], "quote_every": 50}
+    slow = {"checks": [{"id": c, "interval_s": 600} for c in DEFAULT_CHECKS], "quote_every": 50}
     assert dep.put("/v1/policies/slow", json.dumps(slow).encode()) == 200
     assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "slow"}') == 200
     assert dep.call("POST", "/v1/attest/nosuchcvm")[0] == 404
@@ -290,7 +272,7 @@ def test_two_rems_instances_share_one_postgresql(deployment: LabDeployment) -> N
 
         wait_for(lambda: decision_b() in (200, 403), 30)
         assert decision_b() == 403  # nothing known yet, on either instance
-        policy = {"checks": [{"id": c, "interval_s": 1} for c in ALL_CHECKS]}
+        policy = {"checks": [{"id": c, "interval_s": 1} for c in DEFAULT_CHECKS]}
         assert dep.put("/v1/policies/lab", json.dumps(policy).encode()) == 200
         assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}') == 200
         dep.start_avm()

@@ -111,6 +111,9 @@ def test_writes_need_the_operator_token(rems: tuple[RemsService, TestClient, Clo
     {"checks": [{"id": "Kernel Text"}]},
     {"checks": [{"id": "kernel.text", "interval_s": 0}]},
     {"checks": "all"},
+    {"checks": [{"id": "behaviour.trace", "interval_s": 2}]},  # opt-in: needs its model
+    {"checks": [{"id": "behaviour.trace", "params": {"model": ["a", "list"]}}]},
+    {"checks": [{"id": "kernel.text", "params": {"bad key!": 1}}]},
     {"verdict": {"rules": [{"name": "r", "when": "[?", "category": "configuration",
                             "tier": "warning"}]}},
 ])

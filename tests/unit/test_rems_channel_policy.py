@@ -63,6 +63,20 @@ def test_one_policy_keeps_its_name_and_unknown_checks_fall_back(rems: RemsServer
     assert [c.id for c in spec.checks if c.applies_to("a")] == ["kernel.modules"]
 
 
+def test_check_params_reach_the_a_vm_and_opt_in_checks_are_never_a_fallback(
+        rems: RemsServer) -> None:
+    caps = Capabilities(checks=["kernel.text", "behaviour.trace"], backends=["file"])
+    model = "sha256:" + "ab" * 32
+    rems.store.put_policy("traced", {"checks": [
+        {"id": "behaviour.trace", "interval_s": 2, "params": {"model": model, "gate": True}}]})
+    rems.store.assign("a", "traced")
+    spec = rems.policy_for(Hello(avm_id="avm1", cvms=["a", "b"], capabilities=caps))
+    assert [(c.id, c.params, c.cvms) for c in spec.checks if c.applies_to("a")] == [
+        ("behaviour.trace", {"model": model, "gate": True}, ["a"])]
+    # "b" has no policy: every check the A-VM can run, except those needing parameters.
+    assert [c.id for c in spec.checks if c.applies_to("b")] == ["kernel.text"]
+
+
 def test_policy_digest_changes_only_with_the_policy(rems: RemsServer) -> None:
     rems.store.put_policy("lab", {"checks": [{"id": "kernel.text", "interval_s": 5}]})
     rems.store.assign("a", "lab")

@@ -22,9 +22,12 @@ from typing import Any
 from vims import baseline as baseline_mod
 from vims.avm.config import AvmConfig, CvmConfig
 from vims.avm.evidence import VtpmEvidence, agent_code_digest
-from vims.checks import ALL_CHECKS
+from vims.checks import ALL_CHECKS, DEFAULT_CHECKS
+from vims.checks.base import CheckError
 from vims.checks.cli import lab_pauser
 from vims.checks.runner import run_round
+from vims.checks.trace import TraceCheck
+from vims.errors import VimsError
 from vims.protocol.chain import OutboxFull, ReportOutbox
 from vims.protocol.core import AvmConnection
 from vims.protocol.events import (
@@ -37,6 +40,8 @@ from vims.protocol.events import (
 from vims.protocol.messages import Capabilities, PolicySpec
 from vims.protocol.pki import client_context
 from vims.protocol.transport import Session, connect
+from vims.trace.model import ModelError, find_model, normalise_digest
+from vims.trace.session import TraceSession
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -46,42 +51,114 @@ log = logging.getLogger("vims.avm")
 class CvmTarget:
     """What the agent needs to check one C-VM, opened once."""
 
-    def __init__(self, cfg: CvmConfig) -> None:
+    def __init__(self, cfg: CvmConfig, models_dir: Path | None = None) -> None:
         self.cfg = cfg
+        self.models_dir = models_dir
         self.profile = Profile.load(cfg.profile)
         self.baseline = baseline_mod.load(cfg.baseline) if cfg.baseline else None
         self.policy: dict[str, Any] = json.loads(cfg.policy.read_text()) if cfg.policy else {}
         self.mem: GuestMemory | None = None
         self.lock = threading.Lock()  # one LibVMI user at a time, whatever the intervals
         self.history: dict[str, Any] = {}  # what checks remember between rounds
+        self.trace_params: dict[str, Any] | None = None  # what the policy asks to trace
+        self.trace: TraceSession | None = None
+        self.trace_error: str | None = None
+        self._lab_pause = lab_pauser(cfg.memory) if cfg.memory is not None else None
+
+    def _pause(self) -> contextlib.AbstractContextManager[object]:
+        # While traced, the gdbstub owns the VM's run state: QMP stop/cont would race it.
+        if self.trace is not None and self.trace.tracer.alive:
+            return self.trace.tracer.paused()
+        assert self._lab_pause is not None
+        return self._lab_pause()
 
     def memory(self) -> GuestMemory:
         if self.mem is None:
             if self.cfg.memory is not None:
                 self.mem = GuestMemory(self.profile, path=self.cfg.memory,
-                                       pauser=lab_pauser(self.cfg.memory))
+                                       pauser=self._pause if self._lab_pause else None)
             else:
                 self.mem = GuestMemory(self.profile, domain=self.cfg.domain)
         return self.mem
 
-    def check(self, ids: list[str]) -> dict[str, Any]:
+    def _sync_tracing(self) -> None:
+        """Start, restart or stop the tracer to match the policy (outside any round)."""
+        want = self.trace_params
+        key = None
+        if want is not None:
+            key = (normalise_digest(str(want.get("model", ""))), bool(want.get("gate", False)))
+        if self.trace is not None and (key is None or self.trace.key != key
+                                       or not self.trace.tracer.alive):
+            with contextlib.suppress(Exception):
+                self.trace.close()
+            self.trace = None
+        if key is None or self.trace is not None:
+            return
+        if self.cfg.gdb is None or self.cfg.memory is None:
+            raise ModelError(f"C-VM {self.cfg.name} has no gdbstub (gdb in the agent config): "
+                             "it cannot be traced")
+        if self.models_dir is None:
+            raise ModelError("the agent config names no models_dir")
+        model = find_model(self.models_dir, key[0])
+        self.trace = TraceSession(self.profile, self.cfg.memory, self.cfg.gdb, model, key[1])
+        log.info("tracing %s on %s with model %s", ", ".join(model.apps), self.cfg.name,
+                 model.digest)
+
+    def check(self, ids: list[str], params: dict[str, dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
         target = {"cvm": self.cfg.name}
         target.update({"memory": str(self.cfg.memory)} if self.cfg.memory else
                       {"domain": str(self.cfg.domain)})
         try:
             with self.lock:
+                tracing: TraceSession | _Broken | None = None
+                if TraceCheck.id in ids:
+                    try:
+                        self._sync_tracing()
+                        tracing, self.trace_error = self.trace, None
+                    except VimsError as exc:  # the check reports it; the other checks run
+                        self.trace_error = str(exc)
+                        tracing = _Broken(str(exc))
                 return run_round(self.memory(), ids, self.baseline, self.policy, "auto", target,
-                                 self.history)
+                                 self.history, params, tracing)
         except Exception as exc:  # noqa: BLE001 - a C-VM we cannot read is reported, not fatal
             self.mem = None
             return {"result": "error", "error": str(exc), "checks": [], "findings": [],
                     "target": target, "processes": [], "modules": []}
 
+    def close(self) -> None:
+        with self.lock:
+            self.trace_params = None
+            if self.trace is not None:
+                with contextlib.suppress(Exception):
+                    self.trace.close()
+                self.trace = None
+            if self.mem is not None:
+                with contextlib.suppress(Exception):
+                    self.mem.close()
+                self.mem = None
+
+
+class _Broken:
+    """Tracing the policy asked for but cannot have: behaviour.trace reports why."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def take(self, live_tgids: set[int]) -> list[Any]:
+        raise CheckError(self.why)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    """A check loop must not die silently: the C-VM would just go stale."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("check loop stopped: %r", task.exception(), exc_info=task.exception())
+
 
 class Agent:
     def __init__(self, config: AvmConfig) -> None:
         self.config = config
-        self.targets = {c.name: CvmTarget(c) for c in config.cvms}
+        self.targets = {c.name: CvmTarget(c, config.models_dir) for c in config.cvms}
         self.outbox = ReportOutbox()
         self.vtpm = VtpmEvidence(config.tpm_tcti)
         self.vtpm.measure_launch(self._launch_items())
@@ -113,12 +190,17 @@ class Agent:
         self._cancel()
         for name, target in self.targets.items():
             by_interval: dict[float, list[str]] = defaultdict(list)
+            params: dict[str, dict[str, Any]] = {}
             for spec in policy.checks:
                 if spec.id in ALL_CHECKS and spec.applies_to(name):
                     by_interval[spec.interval_s].append(spec.id)
+                    params[spec.id] = dict(spec.params)
+            target.trace_params = params.get(TraceCheck.id)
             for interval, ids in by_interval.items():
-                self._tasks.append(asyncio.create_task(
-                    self._check_loop(session, target, interval, ids)))
+                task = asyncio.create_task(
+                    self._check_loop(session, target, interval, ids, params))
+                task.add_done_callback(_log_crash)
+                self._tasks.append(task)
 
     def _cancel(self, rounds: bool = False) -> None:
         for task in [*self._tasks, *(self._rounds if rounds else ())]:
@@ -126,10 +208,10 @@ class Agent:
         self._tasks.clear()
 
     async def _check_loop(self, session: Session, target: CvmTarget, interval: float,
-                          ids: list[str]) -> None:
+                          ids: list[str], params: dict[str, dict[str, Any]]) -> None:
         while True:
             start = time.monotonic()
-            report = await asyncio.to_thread(target.check, ids)
+            report = await asyncio.to_thread(target.check, ids, params)
             try:
                 session.send_report(target.cfg.name, report)
             except OutboxFull:
@@ -139,9 +221,11 @@ class Agent:
     async def _requested_round(self, session: Session, event: RoundRequested) -> None:
         """A round the REM-S asked for: every check of the policy, answered at once."""
         policy = session.conn.policy
-        ids = sorted({c.id for c in policy.checks if c.id in ALL_CHECKS
-                      and c.applies_to(event.cvm)}) if policy else list(ALL_CHECKS)
-        report = await asyncio.to_thread(self.targets[event.cvm].check, ids)
+        specs = [c for c in policy.checks if c.id in ALL_CHECKS
+                 and c.applies_to(event.cvm)] if policy else []
+        ids = sorted({c.id for c in specs}) if policy else list(DEFAULT_CHECKS)
+        params = {c.id: dict(c.params) for c in specs}
+        report = await asyncio.to_thread(self.targets[event.cvm].check, ids, params)
         try:
             session.send_report(event.cvm, report, event.request_id)
         except (OutboxFull, ValueError) as exc:
@@ -186,7 +270,5 @@ class Agent:
     def close(self) -> None:
         self._cancel()
         for t in self.targets.values():
-            if t.mem is not None:
-                with contextlib.suppress(Exception):
-                    t.mem.close()
+            t.close()
         self.vtpm.close()

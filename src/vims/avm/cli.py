@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
+import signal
 from pathlib import Path
 
 import click
@@ -28,6 +30,12 @@ def run(config_path: Path, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     agent = Agent(config_mod.load(config_path))
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # so close() runs: a tracer must detach from its C-VM
+
+    signal.signal(signal.SIGTERM, terminate)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1: every thread's stack, for a hang
     try:
         asyncio.run(agent.run())
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ class CvmConfig(StrictModel):
     profile: Path
     baseline: Path | None = None
     policy: Path | None = None  # local allowlists (modules, processes, creds)
+    gdb: Path | None = None  # QEMU gdbstub socket: system-call tracing (behaviour.trace)
 
 
 class AvmConfig(StrictModel):
@@ -35,6 +36,8 @@ class AvmConfig(StrictModel):
     tpm_tcti: str = "device:/dev/tpmrm0"
     cvms: list[CvmConfig] = Field(min_length=1, max_length=64)
     reconnect_max_s: float = Field(default=5.0, gt=0, le=300)
+    # Behaviour models (vims behaviour learn) the REM-S policy may name by digest.
+    models_dir: Path | None = None
 
 
 def load(path: Path) -> AvmConfig:

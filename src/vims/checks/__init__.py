@@ -21,13 +21,18 @@ from vims.checks.process import (
     CredsCheck,
     HiddenProcessCheck,
 )
+from vims.checks.trace import TraceCheck
 
 ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
               HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck,
-              ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck)
+              ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
+              TraceCheck)
 }
+# What "every check" means when none are named: those that need no more than memory.
+# behaviour.trace needs the A-VM's tracer and a model, so a policy must select it.
+DEFAULT_CHECKS: list[str] = [cid for cid, c in ALL_CHECKS.items() if c.default]
 
-__all__ = ["ALL_CHECKS", "Category", "Check", "CheckResult", "Context", "Finding", "Severity",
-           "Status"]
+__all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "Category", "Check", "CheckResult", "Context",
+           "Finding", "Severity", "Status"]

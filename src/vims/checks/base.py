@@ -85,8 +85,16 @@ class Context:
 
     def __init__(self, mem: GuestMemory, baseline: dict[str, Any] | None = None,
                  policy: dict[str, Any] | None = None,
-                 history: dict[str, Any] | None = None) -> None:
+                 history: dict[str, Any] | None = None,
+                 params: dict[str, dict[str, Any]] | None = None,
+                 tracing: Any = None) -> None:
         self.mem = mem
+        # Per-check parameters from the REM-S policy (check id -> params).
+        self.params: dict[str, dict[str, Any]] = params or {}
+        # The A-VM's system-call tracing for this C-VM (vims.trace.session), if any.
+        self.tracing = tracing
+        # What a check computes once per round, kept across a retried round's attempts.
+        self.memo: dict[str, Any] = {}
         # What checks remember between rounds of one C-VM (the A-VM keeps it per C-VM;
         # a single `vims check` starts empty): state over time, e.g. credentials. Checks
         # read it and put their new state in ``updates``, which the runner commits once
@@ -131,6 +139,7 @@ class Check(ABC):
     description: ClassVar[str]
     severity: ClassVar[Severity]
     category: ClassVar[Category]
+    default: ClassVar[bool] = True  # part of "all checks" when none are named
 
     @abstractmethod
     def run(self, ctx: Context) -> list[Finding]:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from vims import __version__
-from vims.checks import ALL_CHECKS
+from vims.checks import ALL_CHECKS, DEFAULT_CHECKS
 from vims.checks.base import CheckResult, Context, Status
 from vims.vmi.memory import GuestMemory
 
@@ -28,7 +28,7 @@ def select_checks(ids: list[str] | None) -> list[str]:
     from vims.errors import VimsError
 
     if not ids:
-        return list(ALL_CHECKS)
+        return list(DEFAULT_CHECKS)
     unknown = [i for i in ids if i not in ALL_CHECKS]
     if unknown:
         raise VimsError(f"unknown check id {', '.join(unknown)} (known: {', '.join(ALL_CHECKS)})")
@@ -59,14 +59,16 @@ def _signature(results: list[CheckResult]) -> list[tuple[str, str, tuple[tuple[s
 def run_round(mem: GuestMemory, ids: list[str], baseline: dict[str, Any] | None,
               policy: dict[str, Any] | None, consistency: str = "auto",
               target: dict[str, Any] | None = None,
-              history: dict[str, Any] | None = None) -> dict[str, Any]:
+              history: dict[str, Any] | None = None,
+              params: dict[str, dict[str, Any]] | None = None,
+              tracing: Any = None) -> dict[str, Any]:
     """One check round (every check when ``ids`` is empty); returns the report.
 
     ``history`` is the caller's memory of earlier rounds of this C-VM (updated in
     place); checks of change over time need it.
     """
     ids = select_checks(ids)
-    ctx = Context(mem, baseline, policy, history)
+    ctx = Context(mem, baseline, policy, history, params, tracing)
     mode = consistency
     if mode == "auto":
         mode = "pause" if mem.can_pause else "retry"

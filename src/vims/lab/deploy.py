@@ -165,8 +165,12 @@ def write_rems_pki(pki: Path) -> CertificateAuthority:
 
 
 def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
-           local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1") -> LabDeployment:
+           local_policy: Path | None, avm_id: str = "avm1", cvm: str = "cvm1",
+           gdb: Path | None = None) -> LabDeployment:
     """Create the REM-S and A-VM configuration under ``root``.
+
+    ``gdb`` is the C-VM's gdbstub socket: with it the A-VM can trace system calls
+    (behaviour.trace) with the models it finds in ``root/models``.
 
     The A-VM is enrolled over the REM-S API by :meth:`LabDeployment.start_avm`
     (its key is created then and its certificate issued by the REM-S CA).
@@ -188,7 +192,9 @@ def deploy(root: Path, *, ram: Path, profile: Path, baseline: Path | None,
             root / "rems.toml", state=root, pki=pki, token_file=root / "admin.token",
             ek_ca_certs=tpm_ca.ca_cert_paths, pcr17_hex=pcr17.hex())
         optional = "".join(f'{k} = "{v}"\n' for k, v in (("baseline", baseline),
-                                                          ("policy", local_policy)) if v)
+                                                          ("policy", local_policy),
+                                                          ("gdb", gdb)) if v)
+        (root / "models").mkdir(exist_ok=True)
         (root / "avm.toml").write_text(f"""[avm]
 avm_id = "{avm_id}"
 rems = "127.0.0.1:{channel}"
@@ -197,6 +203,7 @@ cert = "{pki / 'avm.pem'}"
 key = "{pki / 'avm.key'}"
 ca = "{pki / 'ca.pem'}"
 tpm_tcti = "{swtpm.tcti}"
+models_dir = "{root / 'models'}"
 
 [[avm.cvms]]
 name = "{cvm}"

@@ -99,6 +99,8 @@ class Lab:
     ssh_port: int = 0
     ssh_key: str = ""
     share_dir: str = ""
+    # QEMU's gdbstub (QEMU lab): where the system-call tracer attaches.
+    gdb_socket: str = ""
     dom0_ready_seconds: float = 0.0
     domains: list[dict[str, Any]] = field(default_factory=list)
 
@@ -120,6 +122,15 @@ def _pid_alive(pid: int, name: str) -> bool:
         return False
     # Guard against PID reuse: the process must be this lab's QEMU.
     return f"vims-lab-{name}".encode() in cmdline and b"qemu" in cmdline.split(b"\0")[0]
+
+
+def _orphaned(owner_file: Path) -> bool:
+    """``owner_file`` names a process that no longer exists."""
+    try:
+        owner = int(owner_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return not Path(f"/proc/{owner}").exists()
 
 
 def _port_free(port: int) -> bool:
@@ -224,6 +235,12 @@ class LabManager:
             (lab.dir / PAUSE_OWNER).unlink(missing_ok=True)
             ui.note(f"lab '{name}': resumed; the process that paused it (an A-VM) is gone")
             lab.state = "running"
+        if lab.gdb_socket and _orphaned(Path(lab.gdb_socket + ".owner")):
+            # A tracer died attached: its breakpoints would freeze the C-VM at the next hit.
+            from vims.trace.gdbstub import release
+
+            release(Path(lab.gdb_socket))
+            ui.note(f"lab '{name}': removed the breakpoints of a tracer that is gone")
         return lab
 
     @staticmethod
@@ -330,7 +347,7 @@ class LabManager:
             append.append("nokaslr")
         if spec.churn:
             append.append("vims.churn=1")
-        qmp, serial = ldir / "qmp.sock", ldir / "serial.sock"
+        qmp, serial, gdb = ldir / "qmp.sock", ldir / "serial.sock", ldir / "gdb.sock"
         serial_log, qemu_log = ldir / "serial.log", ldir / "qemu.log"
         mb = spec.memory >> 20
         cmd = [
@@ -351,6 +368,8 @@ class LabManager:
             "-chardev", f"socket,id=ser0,path={serial},server=on,wait=off,logfile={serial_log}",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{qmp},server=on,wait=off",
+            # Costs nothing until a client attaches: the tracer (vims behaviour trace).
+            "-gdb", f"unix:{gdb},server=on,wait=off",
             "-device", "vmcoreinfo",
         ]
         start = time.monotonic()
@@ -365,6 +384,7 @@ class LabManager:
         lab = Lab(
             name=spec.name, pid=proc.pid, memory=spec.memory, ram_path=str(ram),
             qmp_socket=str(qmp), serial_socket=str(serial), serial_log=str(serial_log),
+            gdb_socket=str(gdb),
             qemu_log=str(qemu_log), http_port=port, kernel=str(kernel_path), initrd=str(initrd),
             kernel_release=release, kaslr=spec.kaslr, accel=accel, started_at=time.time(),
             ready_seconds=round(time.monotonic() - start, 2), cmdline=cmd,

@@ -94,6 +94,10 @@ PcrIndex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9]|1[0-9]|2[0-3])$"
 PcrBank = Literal["sha1", "sha256", "sha384", "sha512"]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 Seq = Annotated[int, Field(ge=1, le=MAX_SEQ)]
+# Checks that need parameters from the policy (a model's digest) and so are never
+# part of "every check": vims.checks marks the same ones default = False.
+OPT_IN_CHECKS = frozenset({"behaviour.trace"})
+
 Scalar = bool | int | float | Annotated[str, StringConstraints(max_length=1024)]
 
 

@@ -19,9 +19,10 @@ from typing import Annotated, Any
 import jwt
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vims import __version__
+from vims.protocol.messages import OPT_IN_CHECKS, CheckSpec
 from vims.rems import ear
 from vims.rems.enroll import Enroller, EnrollmentError
 from vims.rems.service import RemsService
@@ -88,6 +89,14 @@ def validate_policy(body: dict[str, Any]) -> None:
         interval = c.get("interval_s", 10)
         if not isinstance(interval, (int, float)) or not 0.1 <= interval <= 86400:
             raise PolicyError(f"{c['id']}: interval_s must be within 0.1..86400")
+        try:  # what the A-VM will be sent: refuse here what the channel would refuse
+            CheckSpec(id=c["id"], interval_s=interval, params=c.get("params", {}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise PolicyError(f"{c['id']}: {'.'.join(str(p) for p in err['loc'])}: "
+                              f"{err['msg']}") from exc
+        if c["id"] in OPT_IN_CHECKS and not c.get("params"):
+            raise PolicyError(f"{c['id']} needs params (e.g. the model's digest)")
     VerdictPolicy.from_dict({"name": body.get("name", "policy"), **body.get("verdict", {})})
 
 

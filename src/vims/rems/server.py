@@ -32,6 +32,7 @@ from vims.protocol.events import (
     ReportReceived,
 )
 from vims.protocol.messages import (
+    OPT_IN_CHECKS,
     ChainHead,
     CheckSpec,
     Evidence,
@@ -140,7 +141,7 @@ class RemsServer:
         Quotes and heartbeats follow the strictest of the policies involved.
         """
         names: list[str] = []
-        wanted: dict[tuple[str, float], list[str]] = {}
+        wanted: dict[tuple[str, float, str], list[str]] = {}
         quote_every, heartbeat = [], []
         version = 1
         for cvm in hello.cvms:
@@ -151,14 +152,16 @@ class RemsServer:
             version = max(version, v)
             quote_every.append(int(body.get("quote_every", 5)))
             heartbeat.append(float(body.get("heartbeat_s", 5.0)))
-            checks = [(str(c["id"]), float(c.get("interval_s", 10)))
+            checks = [(str(c["id"]), float(c.get("interval_s", 10)),
+                       json.dumps(c.get("params", {}), sort_keys=True))
                       for c in body.get("checks", []) if c.get("id") in hello.capabilities.checks]
-            for key in checks or [(c, 10.0) for c in hello.capabilities.checks]:
+            for key in checks or [(c, 10.0, "{}") for c in hello.capabilities.checks
+                                  if c not in OPT_IN_CHECKS]:
                 wanted.setdefault(key, []).append(cvm)
         every_cvm = len(hello.cvms)
-        specs = [CheckSpec(id=cid, interval_s=interval,
+        specs = [CheckSpec(id=cid, interval_s=interval, params=json.loads(params),
                            cvms=None if len(cvms) == every_cvm else cvms)
-                 for (cid, interval), cvms in sorted(wanted.items())]
+                 for (cid, interval, params), cvms in sorted(wanted.items())]
         unique = sorted(set(names))
         policy_id = unique[0] if len(unique) == 1 else "multi-" + hashlib.sha256(
             ",".join(unique).encode()).hexdigest()[:12]
