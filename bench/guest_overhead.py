@@ -14,8 +14,13 @@ side by side:
 Settings are interleaved over ``--repeats`` passes so a change in the shared
 machine's load hits them alike. The guest runs under QEMU TCG on a 2-core
 machine where the checks and the emulator compete for the same cores, so these
-are figures for this lab, not for hardware virtualisation. System-call tracing
-(issue #7's tracer) is not built yet and is not measured here.
+are figures for this lab, not for hardware virtualisation.
+
+System-call tracing (``vims behaviour``, through QEMU's gdbstub) is measured on
+its own, with ``--trace-conns`` requests per run (it is orders of magnitude
+slower): tracing httpd itself, and tracing an application that serves nothing
+(crond), each with and without gating on address-space switches — what
+selection bounds and what it does not.
 
 Run: ``.venv/bin/python bench/guest_overhead.py [--seconds 15] [--repeats 2]``.
 """
@@ -38,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from vims.baseline import load as load_baseline
-from vims.checks import ALL_CHECKS
+from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
 from vims.lab import LabManager, LabSpec
+from vims.trace.tracer import SyscallEvent, SyscallTracer
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -51,14 +57,21 @@ SETTINGS: dict[str, tuple[float | None, str]] = {
     "10hz-pause": (0.1, "pause"),
     "10hz-retry": (0.1, "retry"),
 }
+# Tracing settings: the traced application's comm and whether to gate on switches.
+TRACING: dict[str, tuple[str, bool]] = {
+    "trace-httpd": ("httpd", False),
+    "trace-httpd-gated": ("httpd", True),
+    "trace-crond": ("crond", False),
+    "trace-crond-gated": ("crond", True),
+}
 
 
-def httperf(port: int, conns: int) -> dict[str, float]:
+def httperf(port: int, conns: int, timeout: float = 5) -> dict[str, float]:
     """*conns* requests, one connection after another (closed loop): rate and reply time."""
     out = subprocess.run(
         ["httperf", "--hog", "--server", "127.0.0.1", "--port", str(port), "--uri", "/",
-         "--num-conns", str(conns), "--timeout", "5"],
-        capture_output=True, text=True, check=True, timeout=conns * 5 + 30).stdout
+         "--num-conns", str(conns), "--timeout", str(timeout)],
+        capture_output=True, text=True, check=True, timeout=conns * timeout + 30).stdout
     req = re.search(r"Request rate: ([\d.]+) req/s", out)
     reply = re.search(r"Reply time \[ms\]: response ([\d.]+) transfer ([\d.]+)", out)
     errors = re.search(r"Errors: total (\d+)", out)
@@ -74,7 +87,7 @@ def checker(mem: GuestMemory, baseline: dict[str, Any], policy: dict[str, Any],
     """The A-VM's side: all checks every *interval* seconds until *stop*."""
     while not stop.is_set():
         start = time.perf_counter()
-        report = run_round(mem, list(ALL_CHECKS), baseline, policy, consistency,
+        report = run_round(mem, list(DEFAULT_CHECKS), baseline, policy, consistency,
                            {"memory": "bench"})
         rounds.append(time.perf_counter() - start)
         if report["result"] != "pass":  # a clean guest: worth reporting, not hiding
@@ -83,10 +96,32 @@ def checker(mem: GuestMemory, baseline: dict[str, Any], policy: dict[str, Any],
         stop.wait(max(0.0, interval - (time.perf_counter() - start)))
 
 
+def tracing(mem: GuestMemory, gdb: Path, port: int, conns: int,
+            off: float) -> dict[str, dict[str, float]]:
+    """httperf while the tracer follows one application (the guest otherwise untouched)."""
+    table = {}
+    for name, (comm, gate) in TRACING.items():
+        events: list[SyscallEvent] = []
+        with SyscallTracer(mem, gdb, {comm: [comm]}, events.append, gate=gate) as tracer:
+            figures = httperf(port, conns, timeout=60)
+        stats = tracer.stats
+        table[name] = {
+            "req_per_s": round(figures["req_per_s"], 2),
+            "throughput_cost_pct": round(100 * (1 - figures["req_per_s"] / off), 1),
+            "reply_ms": round(figures["reply_ms"], 1), "errors": int(figures["errors"]),
+            "stops_per_request": round(stats.stops / conns, 1),
+            "traced_calls_per_request": round(len(events) / conns, 1),
+            "switch_stops": stats.switch_stops, "syscall_stops": stats.syscall_stops,
+        }
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15.0, help="httperf run per setting")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trace-conns", type=int, default=20,
+                        help="requests per tracing run (0: skip tracing)")
     args = parser.parse_args()
     if shutil.which("httperf") is None:
         sys.exit("httperf is not installed (apt-get install httperf; scripts/setup.sh does)")
@@ -110,7 +145,7 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {k: [] for k in SETTINGS}
         with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path),
                          pauser=lambda: mgr.paused(lab.name)) as mem:
-            run_round(mem, list(ALL_CHECKS), baseline, policy, "pause", {"memory": "bench"})
+            run_round(mem, list(DEFAULT_CHECKS), baseline, policy, "pause", {"memory": "bench"})
             for _ in range(args.repeats):
                 for name, (interval, consistency) in SETTINGS.items():
                     stop = threading.Event()
@@ -145,8 +180,11 @@ def main() -> None:
                 "failed_rounds": sum(int(r["failed_rounds"]) for r in runs),
                 "round_ms": round(statistics.median(r["round_ms"] for r in runs), 1),
             }
+            if args.trace_conns:
+                table.update(tracing(mem, Path(lab.gdb_socket), port, args.trace_conns, off))
         print(json.dumps({"requests_per_run": conns, "seconds": args.seconds,
-                          "repeats": args.repeats, "results": table}, indent=2))
+                          "repeats": args.repeats, "trace_requests_per_run": args.trace_conns,
+                          "results": table}, indent=2))
     finally:
         mgr.down(lab.name)
         shutil.rmtree(work, ignore_errors=True)

@@ -48,6 +48,13 @@ options:
           - Seconds between two runs of the check.
         type: float
         default: 10
+      params:
+        description:
+          - Parameters the check takes from the policy (names to scalars).
+          - C(behaviour.trace) needs C(model), the digest C(vims behaviour show) prints
+            of a model in the A-VM's models directory; C(gate) arms tracing only while
+            a monitored process runs.
+        type: dict
   verdict:
     description:
       - Verdict rules (JMESPath over reports), as the REM-S's policy format defines them.
@@ -85,6 +92,17 @@ EXAMPLES = r"""
       - {id: process.hidden, interval_s: 5}
     quote_every: 3
     cvms: [cvm1]
+
+- name: Enforce httpd's learned system-call model (vims behaviour learn)
+  vims.attestation.policy:
+    rems_url: http://127.0.0.1:8080
+    token_file: /etc/vims/admin.token
+    name: web-traced
+    checks:
+      - id: behaviour.trace
+        interval_s: 2
+        params: {model: "sha256:5f3eb5e34fb2df035e4bdbf98e31b1432cc2395b6d8bd4d1ac026e044c432210"}
+    cvms: [cvm1]
 """
 
 RETURN = r"""
@@ -114,11 +132,18 @@ from ansible_collections.vims.attestation.plugins.module_utils._rems import (
 )
 
 
+def _check(spec):
+    out = dict(id=spec["id"], interval_s=spec["interval_s"])
+    if spec.get("params"):
+        out["params"] = spec["params"]
+    return out
+
+
 def desired_policy(params):
     """The policy body as the REM-S stores it (its name included)."""
     body = dict(
         name=params["name"],
-        checks=[dict(id=c["id"], interval_s=c["interval_s"]) for c in params["checks"]],
+        checks=[_check(c) for c in params["checks"]],
         stale_after_intervals=params["stale_after_intervals"],
         quote_every=params["quote_every"],
     )
@@ -159,6 +184,7 @@ def main() -> None:
             checks=dict(type="list", elements="dict", required=True, options=dict(
                 id=dict(type="str", required=True),
                 interval_s=dict(type="float", default=10),
+                params=dict(type="dict"),
             )),
             verdict=dict(type="dict"),
             stale_after_intervals=dict(type="int", default=3),

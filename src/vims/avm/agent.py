@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class CvmTarget:
         self.trace_params: dict[str, Any] | None = None  # what the policy asks to trace
         self.trace: TraceSession | None = None
         self.trace_error: str | None = None
-        self._lab_pause = lab_pauser(cfg.memory) if cfg.memory is not None else None
+        self._lab_pause: Callable[[], contextlib.AbstractContextManager[object]] | None = None
 
     def _pause(self) -> contextlib.AbstractContextManager[object]:
         # While traced, the gdbstub owns the VM's run state: QMP stop/cont would race it.
@@ -75,6 +76,7 @@ class CvmTarget:
     def memory(self) -> GuestMemory:
         if self.mem is None:
             if self.cfg.memory is not None:
+                self._lab_pause = lab_pauser(self.cfg.memory)  # None: a snapshot, no lab
                 self.mem = GuestMemory(self.profile, path=self.cfg.memory,
                                        pauser=self._pause if self._lab_pause else None)
             else:

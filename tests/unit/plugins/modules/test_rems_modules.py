@@ -102,3 +102,22 @@ def test_attest_refuses_a_url_without_scheme() -> None:
                                          "cvm": "cvm1"})
     assert failed
     assert "must start with http" in str(r["msg"])
+
+
+def test_policy_check_params_are_stored_and_idempotent(rems: Rems) -> None:
+    model = "sha256:" + "5f" * 32
+    traced = [{"id": "behaviour.trace", "interval_s": 2, "params": {"model": model}}]
+    failed, r = run_module(policy.main, policy_args(rems, checks=traced))
+    assert not failed, r
+    assert r["changed"]
+    stored = rems.get("/v1/policies/lab")
+    assert isinstance(stored, dict)
+    assert stored["policy"]["checks"][0]["params"] == {"model": model}
+    failed, r = run_module(policy.main, policy_args(rems, checks=traced))
+    assert not failed
+    assert not r["changed"]
+    # A tracing check without its model is refused by the REM-S, in one line.
+    failed, r = run_module(policy.main, policy_args(
+        rems, checks=[{"id": "behaviour.trace", "interval_s": 2}]))
+    assert failed
+    assert "needs params" in str(r["msg"])
