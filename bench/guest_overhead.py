@@ -20,7 +20,8 @@ System-call tracing (``vims behaviour``, through QEMU's gdbstub) is measured on
 its own, with ``--trace-conns`` requests per run (it is orders of magnitude
 slower): tracing httpd itself, and tracing an application that serves nothing
 (crond), each with and without gating on address-space switches — what
-selection bounds and what it does not.
+selection bounds and what it does not — and tracing httpd 10 % of the time
+(the policy's ``duty``), which bounds the cost in time instead.
 
 Run: ``.venv/bin/python bench/guest_overhead.py [--seconds 15] [--repeats 2]``.
 """
@@ -46,6 +47,8 @@ from vims.baseline import load as load_baseline
 from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
 from vims.lab import LabManager, LabSpec
+from vims.trace.model import AppModel, Model
+from vims.trace.session import TraceSession
 from vims.trace.tracer import SyscallEvent, SyscallTracer
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
@@ -96,13 +99,14 @@ def checker(mem: GuestMemory, baseline: dict[str, Any], policy: dict[str, Any],
         stop.wait(max(0.0, interval - (time.perf_counter() - start)))
 
 
-def tracing(mem: GuestMemory, gdb: Path, port: int, conns: int,
+def tracing(profile: Path, ram: Path, gdb: Path, port: int, conns: int,
             off: float) -> dict[str, dict[str, float]]:
     """httperf while the tracer follows one application (the guest otherwise untouched)."""
     table = {}
     for name, (comm, gate) in TRACING.items():
         events: list[SyscallEvent] = []
-        with SyscallTracer(mem, gdb, {comm: [comm]}, events.append, gate=gate) as tracer:
+        with GuestMemory(Profile.load(profile), path=ram) as mem, \
+                SyscallTracer(mem, gdb, {comm: [comm]}, events.append, gate=gate) as tracer:
             figures = httperf(port, conns, timeout=60)
         stats = tracer.stats
         table[name] = {
@@ -113,6 +117,19 @@ def tracing(mem: GuestMemory, gdb: Path, port: int, conns: int,
             "traced_calls_per_request": round(len(events) / conns, 1),
             "switch_stops": stats.switch_stops, "syscall_stops": stats.syscall_stops,
         }
+    # Bounded in time: attached 1 s in every 10 (policy params duty/period_s), ~20 s of load.
+    model = Model(apps={"httpd": AppModel(comm=["httpd"])})
+    session = TraceSession(Profile.load(profile), ram, gdb, model, duty=0.1, period_s=10.0)
+    try:
+        figures = httperf(port, max(20, int(off * 20)), timeout=60)
+    finally:
+        session.close()
+    table["trace-httpd-duty10"] = {
+        "req_per_s": round(figures["req_per_s"], 2),
+        "throughput_cost_pct": round(100 * (1 - figures["req_per_s"] / off), 1),
+        "reply_ms": round(figures["reply_ms"], 1), "errors": int(figures["errors"]),
+        "syscall_stops": session.stats.syscall_stops,
+    }
     return table
 
 
@@ -180,8 +197,9 @@ def main() -> None:
                 "failed_rounds": sum(int(r["failed_rounds"]) for r in runs),
                 "round_ms": round(statistics.median(r["round_ms"] for r in runs), 1),
             }
-            if args.trace_conns:
-                table.update(tracing(mem, Path(lab.gdb_socket), port, args.trace_conns, off))
+        if args.trace_conns:
+            table.update(tracing(profile_path, Path(lab.ram_path), Path(lab.gdb_socket),
+                                 port, args.trace_conns, off))
         print(json.dumps({"requests_per_run": conns, "seconds": args.seconds,
                           "repeats": args.repeats, "trace_requests_per_run": args.trace_conns,
                           "results": table}, indent=2))

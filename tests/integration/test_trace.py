@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from tests.conftest import lab_deployment, sh, vims, wait_for
 from vims.lab import Lab, LabManager
 from vims.lab.deploy import LabDeployment
 from vims.trace.model import Model
+from vims.trace.session import TraceSession
 from vims.trace.tracer import SyscallEvent, SyscallTracer
 from vims.vmi.memory import GuestMemory
+from vims.vmi.profile import Profile
 
 TRAIN_REQUESTS = 25
 
@@ -220,3 +223,57 @@ def test_rems_policy_enforces_the_model_through_the_a_vm(
         curl.wait(60)
     # The shell is gone: its violations are no longer live, the C-VM is trusted again.
     wait_for(lambda: dep.decision() == 200, 60, step=0.5)
+
+
+def test_a_tracer_killed_while_attached_does_not_freeze_the_c_vm(
+        lab: Lab, lab_manager: LabManager, profile_path: Path) -> None:
+    """An A-VM dying with its breakpoints in QEMU would freeze the guest at the next
+    system call; the next lab command removes them (the guest is never left hung)."""
+    owner = Path(lab.gdb_socket + ".owner")
+    tracer = subprocess.Popen([sys.executable, "-m", "vims.cli", "behaviour", "trace",
+                               "--lab", lab.name, "--profile", str(profile_path),
+                               "--app", "httpd", "--seconds", "600"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(owner.exists, 60)
+        subprocess.run(["curl", "-s", "-m", "60", "-o", "/dev/null",  # traced: armed by now
+                        f"http://127.0.0.1:{lab.http_port}/"], check=True)
+        tracer.kill()  # SIGKILL: no detach, breakpoints stay armed in QEMU
+        tracer.wait(10)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+    assert owner.exists()
+    lab_manager.get(lab.name)  # any lab command notices the dead owner
+    assert not owner.exists()
+    assert sh(lab_manager, lab, "echo alive").strip() == "alive"
+    page = subprocess.run(["curl", "-s", "-m", "20", f"http://127.0.0.1:{lab.http_port}/"],
+                          capture_output=True, check=False)
+    assert page.returncode == 0
+
+
+def test_duty_cycled_tracing_attaches_part_of_the_time(lab: Lab, profile_path: Path,
+                                                       model_path: Path) -> None:
+    """policy params duty/period_s: the tracer comes and goes between rounds (it waits
+    for the round's lock), and what it saw in its windows is judged as usual."""
+    lock = threading.Lock()
+    with lock:  # as in the A-VM: made inside a round, whose end the first window awaits
+        session = TraceSession(Profile.load(profile_path), Path(lab.ram_path),
+                               Path(lab.gdb_socket), Model.load(model_path), duty=0.5,
+                               period_s=2.0, lock=lock)
+        time.sleep(1.0)
+        assert not session.attached
+    seen = set()
+    try:
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            seen.add(session.attached)
+            subprocess.run(["curl", "-s", "-m", "20", "-o", "/dev/null",
+                            f"http://127.0.0.1:{lab.http_port}/"], check=False)
+            time.sleep(0.2)
+        assert session.take(set()) == []  # clean traffic, in the windows that saw it
+    finally:
+        session.close()
+    assert seen == {True, False}
+    assert session.stats.syscall_stops > 0
+    assert not session.attached

@@ -4,6 +4,8 @@ itself, models (learn, enforce, files, digests) and the opt-in check set."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from vims.checks import ALL_CHECKS, DEFAULT_CHECKS
 from vims.protocol.messages import OPT_IN_CHECKS
 from vims.trace.gdbstub import GdbError, checksum, decode_body, escape, parse_stop
 from vims.trace.model import Enforcer, Learner, Model, ModelError, find_model, normalise_digest
-from vims.trace.tracer import Instruction, SyscallEvent, app_globs
+from vims.trace.session import trace_settings
+from vims.trace.tracer import Instruction, SyscallEvent, TraceError, app_globs
 
 
 def test_packets_escape_checksum_and_run_length() -> None:
@@ -77,6 +80,15 @@ def test_interleaved_threads_do_not_make_new_sequences() -> None:
     assert [v for e in mixed for v in enforcer.feed(e)] == []
 
 
+def test_a_gap_in_tracing_breaks_no_sequence() -> None:
+    enforcer = Enforcer(learned())
+    first, second = serve(1, "/www/a.html")[:2], serve(1, "/www/a.html")[3:]
+    for e in first:
+        assert enforcer.feed(e) == []
+    enforcer.gap()  # the tracer was detached meanwhile: "read close" never happened
+    assert [v for e in second for v in enforcer.feed(e)] == []
+
+
 def test_enforcing_a_reverse_shell() -> None:
     enforcer = Enforcer(learned())
     found = []
@@ -125,3 +137,29 @@ def test_app_selection_and_opt_in_checks() -> None:
     opt_in = {cid for cid, c in ALL_CHECKS.items() if not c.default}
     assert opt_in == set(OPT_IN_CHECKS)  # the REM-S and the A-VM agree
     assert not opt_in & set(DEFAULT_CHECKS)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["show", "{tmp}/none.json"], "does not exist"),
+    (["show", "{tmp}/empty.json"], "not a behaviour model"),
+    (["trace", "--memory", "{tmp}/ram", "--gdb", "{tmp}/gdb", "--profile", "{tmp}/p.json",
+      "--app", "bad name!"], "give NAME or NAME=GLOB"),
+    (["learn", "--gdb", "{tmp}/gdb", "--profile", "{tmp}/p.json", "--app", "httpd",
+      "--out", "{tmp}/m.json"], "give --lab NAME, or --memory"),
+])
+def test_behaviour_cli_refuses_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "empty.json").write_text('{"apps": {}}')
+    proc = subprocess.run([sys.executable, "-m", "vims.cli", "behaviour",
+                           *(a.format(tmp=tmp_path) for a in args)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_tracing_settings_from_policy_params() -> None:
+    assert trace_settings({}) == (False, 1.0, 10.0)
+    assert trace_settings({"gate": True, "duty": 0.1, "period_s": 30}) == (True, 0.1, 30.0)
+    for bad in ({"duty": 0}, {"duty": 2}, {"period_s": 0.5}, {"duty": "half"}):
+        with pytest.raises(TraceError):
+            trace_settings(bad)

@@ -42,7 +42,7 @@ from vims.protocol.messages import Capabilities, PolicySpec
 from vims.protocol.pki import client_context
 from vims.protocol.transport import Session, connect
 from vims.trace.model import ModelError, find_model, normalise_digest
-from vims.trace.session import TraceSession
+from vims.trace.session import TraceSession, trace_settings
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -68,7 +68,7 @@ class CvmTarget:
 
     def _pause(self) -> contextlib.AbstractContextManager[object]:
         # While traced, the gdbstub owns the VM's run state: QMP stop/cont would race it.
-        if self.trace is not None and self.trace.tracer.alive:
+        if self.trace is not None and self.trace.tracer is not None and self.trace.attached:
             return self.trace.tracer.paused()
         assert self._lab_pause is not None
         return self._lab_pause()
@@ -88,9 +88,9 @@ class CvmTarget:
         want = self.trace_params
         key = None
         if want is not None:
-            key = (normalise_digest(str(want.get("model", ""))), bool(want.get("gate", False)))
+            key = (normalise_digest(str(want.get("model", ""))), *trace_settings(want))
         if self.trace is not None and (key is None or self.trace.key != key
-                                       or not self.trace.tracer.alive):
+                                       or not self.trace.healthy):
             with contextlib.suppress(Exception):
                 self.trace.close()
             self.trace = None
@@ -102,7 +102,8 @@ class CvmTarget:
         if self.models_dir is None:
             raise ModelError("the agent config names no models_dir")
         model = find_model(self.models_dir, key[0])
-        self.trace = TraceSession(self.profile, self.cfg.memory, self.cfg.gdb, model, key[1])
+        self.trace = TraceSession(self.profile, self.cfg.memory, self.cfg.gdb, model, *key[1:],
+                                  lock=self.lock)
         log.info("tracing %s on %s with model %s", ", ".join(model.apps), self.cfg.name,
                  model.digest)
 

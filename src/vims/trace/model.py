@@ -252,6 +252,10 @@ class Enforcer:
     def apps(self) -> dict[str, list[str]]:
         return {a: list(m.comm) for a, m in self.model.apps.items()}
 
+    def gap(self) -> None:
+        """Calls were missed (tracing resumed after a pause in it): no window spans that."""
+        self._windows = _Windows(self.model.n)
+
     def _allowed(self, app: AppModel, kind: str, value: str) -> bool:
         items: list[str] = getattr(app, kind)
         if kind == "open":

@@ -44,6 +44,7 @@ from vims.vmi.memory import GuestMemory, MemoryReadError
 log = logging.getLogger("vims.trace")
 
 MAX_TRACKED = 4096
+MAX_ANCESTRY = 8
 MAX_STRING = 256
 HOLD_TIMEOUT = 30.0
 
@@ -189,7 +190,8 @@ class SyscallTracer:
 
     def __init__(self, mem: GuestMemory, gdb: Path, apps: dict[str, Any],
                  on_event: Callable[[SyscallEvent], None], *, gate: bool = True,
-                 follow_children: bool = True, syscalls: set[str] | None = None) -> None:
+                 follow_children: bool = True, syscalls: set[str] | None = None,
+                 tracked: OrderedDict[tuple[int, int], str] | None = None) -> None:
         self.mem = mem
         self.gdb_path = gdb
         self.apps = app_globs(apps)
@@ -199,7 +201,10 @@ class SyscallTracer:
         self.syscalls = syscalls
         self.stats = TraceStats()
         self.error: str | None = None
-        self._tracked: OrderedDict[tuple[int, int], str] = OrderedDict()
+        # (tgid, leader) -> application: survives re-attaching when the caller keeps it,
+        # so a shell whose parent exited is still known as the server's.
+        self._tracked: OrderedDict[tuple[int, int], str] = (
+            tracked if tracked is not None else OrderedDict())
         self._gdb: Gdbstub | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -360,12 +365,9 @@ class SyscallTracer:
             key = (tgid, leader)
             app = self._tracked.get(key)
             if app is None:
-                app = next((a for a, globs in self.apps.items()
-                            if any(fnmatch.fnmatchcase(comm, g) for g in globs)), None)
+                app = self._match(comm)
             if app is None and self.follow_children:
-                parent = mem.u64(leader + lay.real_parent)
-                pkey = (mem.u32(parent + lay.tgid), mem.u64(parent + lay.group_leader))
-                app = self._tracked.get(pkey)
+                app = self._ancestry(leader)
         except MemoryReadError as exc:
             log.debug("task 0x%x unreadable: %s", address, exc)
             self.stats.unreadable += 1
@@ -376,6 +378,30 @@ class SyscallTracer:
             while len(self._tracked) > MAX_TRACKED:
                 self._tracked.popitem(last=False)
         return _Task(app, pid, tgid, comm, mm)
+
+    def _match(self, comm: str) -> str | None:
+        return next((a for a, globs in self.apps.items()
+                     if any(fnmatch.fnmatchcase(comm, g) for g in globs)), None)
+
+    def _ancestry(self, leader: int) -> str | None:
+        """The application of the nearest ancestor that belongs to one (bounded walk)."""
+        lay, mem = self._layout, self.mem
+        task = leader
+        for _ in range(MAX_ANCESTRY):
+            parent = mem.u64(mem.u64(task + lay.real_parent) + lay.group_leader)
+            if parent == task:
+                return None  # the idle task is its own parent
+            tgid = mem.u32(parent + lay.tgid)
+            if tgid <= 1:
+                return None  # init adopts orphans: no application above it
+            app = self._tracked.get((tgid, parent))
+            if app is None:
+                app = self._match(mem.read(parent + lay.comm, 16).split(b"\0", 1)[0].decode(
+                    "utf-8", "replace"))
+            if app is not None:
+                return app
+            task = parent
+        return None
 
     def _syscall(self, regs: dict[str, int]) -> None:
         lay, mem = self._layout, self.mem
