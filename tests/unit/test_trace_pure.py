@@ -29,6 +29,8 @@ def test_packets_escape_checksum_and_run_length() -> None:
 
 def test_stop_replies() -> None:
     assert parse_stop(b"T05thread:p01.01;").trap
+    assert parse_stop(b"T05thread:p01.02;swbreak:;").thread == "p01.02"
+    assert parse_stop(b"S05").thread is None
     assert parse_stop(b"S02").signal == 2
     assert parse_stop(b"W00").exited
     with pytest.raises(GdbError):

@@ -21,6 +21,7 @@ from vims.trace.tracer import SyscallEvent, SyscallTracer, TraceStats, app_globs
 from vims.vmi.profile import Profile
 
 MAX_SECONDS = 24 * 3600
+MAX_REPORTED = 10_000
 
 
 def parse_apps(values: tuple[str, ...]) -> dict[str, list[str]]:
@@ -190,7 +191,9 @@ def check_cmd(lab: str | None, memory: Path | None, gdb: Path | None, profile_pa
     violations: list[Violation] = []
 
     def feed(event: SyscallEvent) -> None:
-        violations.extend(enforcer.feed(event))
+        found = enforcer.feed(event)
+        if len(violations) < MAX_REPORTED:
+            violations.extend(found[:MAX_REPORTED - len(violations)])
 
     with tracing(profile_path, ram, sock, enforcer.apps, feed, gate) as tracer:
         run_for(tracer, seconds, workload)

@@ -61,6 +61,12 @@ class StopReply:
     def trap(self) -> bool:
         return self.signal == 5 and not self.exited
 
+    @property
+    def thread(self) -> str | None:
+        """The vCPU that stopped (``p1.2``), when the stub says."""
+        found = re.search(r"thread:(p?[0-9a-fA-F]+(?:\.[0-9a-fA-F]+)?);", self.raw)
+        return found.group(1) if found else None
+
 
 def checksum(data: bytes) -> bytes:
     return b"%02x" % (sum(data) & 0xFF)
@@ -261,6 +267,20 @@ class Gdbstub:
                 raise GdbError(f"gdbstub exposes no register '{need}': not an x86-64 target")
 
     # --------------------------------------------------------------- registers
+    def threads(self) -> list[str]:
+        """The VM's vCPUs as thread ids."""
+        out: list[str] = []
+        reply = self.request("qfThreadInfo")
+        while reply[:1] == b"m" and len(out) < 1024:
+            out += [t for t in reply[1:].decode("ascii", "replace").split(",") if t]
+            reply = self.request("qsThreadInfo")
+        return out
+
+    def select_thread(self, thread: str) -> None:
+        """Register reads and writes go to this vCPU from now on."""
+        if self.request(f"Hg{thread}") != b"OK":
+            raise GdbError(f"gdbstub cannot select vCPU {thread}")
+
     def read_registers(self) -> dict[str, int]:
         """The general registers of vCPU 1 in one ``g`` (names as in target.xml)."""
         raw = bytes.fromhex(self.request("g").decode("ascii", "replace").replace("x", "0"))

@@ -241,6 +241,11 @@ class SyscallTracer:
         with contextlib.suppress(OSError):
             owner_file(self.gdb_path).write_text(str(os.getpid()))
         try:
+            self._vcpus = gdb.threads()
+            if self.gate and len(self._vcpus) > 1:
+                raise TraceError(f"gating needs a C-VM with one vCPU ({len(self._vcpus)} here): "
+                                 "a breakpoint armed for one vCPU's task stops them all")
+            self._vcpu = self._vcpus[0] if self._vcpus else "p1.1"
             entry = "x64_sys_call" if self.mem.profile.has_symbol("x64_sys_call") \
                 else "do_syscall_64"
             self._syscall_site = self._site(gdb, entry)
@@ -321,6 +326,9 @@ class SyscallTracer:
             self.stats.seconds = time.monotonic() - self._t0
 
     def _handle(self, gdb: Gdbstub, reply: StopReply) -> None:
+        if reply.thread and reply.thread != self._vcpu:  # another vCPU hit it
+            gdb.select_thread(reply.thread)
+            self._vcpu = reply.thread
         regs = gdb.read_registers()
         rip = regs["rip"]
         site = self._sites.get(rip)
