@@ -56,8 +56,10 @@ def pid_idr_tasks(ctx: Context) -> set[int]:
     return found
 
 
-def runqueue_tasks(ctx: Context) -> set[int]:
-    """Tasks on each CPU's run queue: the running one and the CFS tree's."""
+def runqueue_tasks(ctx: Context, running: set[int] | None = None) -> set[int]:
+    """Tasks on each CPU's run queue: the running one and the CFS tree's.
+
+    ``running`` receives the task each CPU is running."""
     p, mem = ctx.profile, ctx.mem
     ncpu = min(mem.u32(mem.sym("nr_cpu_ids")), MAX_CPUS)
     per_cpu = mem.read(mem.sym("__per_cpu_offset"), 8 * ncpu)
@@ -94,9 +96,14 @@ def runqueue_tasks(ctx: Context) -> set[int]:
                                                                "little")
         r = Struct(mem, "rq", rq, mem.read(rq, p.size("rq")))
         found.add(r.ptr("curr"))
+        if running is not None:
+            running.add(r.ptr("curr"))
         walk_cfs(r.addr_of("cfs"), 0)
     found.discard(0)
     return found
+
+
+EXIT_DEAD = 0x10  # include/linux/sched.h
 
 
 class HiddenProcessCheck(Check):
@@ -109,16 +116,26 @@ class HiddenProcessCheck(Check):
     def run(self, ctx: Context) -> list[Finding]:
         listed = {t.address for t in ctx.tasks}
         seen = {ctx.mem.sym("init_task")}  # the idle task is not on the task list
+        running: set[int] = set()
+        exit_state = ctx.profile.offset("task_struct", "exit_state")
         out = []
-        for view, tasks in (("pid_idr", pid_idr_tasks(ctx)), ("runqueue", runqueue_tasks(ctx))):
+        for view, tasks in (("pid_idr", pid_idr_tasks(ctx)),
+                            ("runqueue", runqueue_tasks(ctx, running))):
             for addr in sorted(tasks - listed - seen):
                 seen.add(addr)  # one finding per hidden task even when both views see it
                 try:
                     t = ctx.linux.read_task(addr)
+                    dead = ctx.mem.u32(addr + exit_state) == EXIT_DEAD
                 except (WalkError, MemoryReadError):
                     continue  # a task that exited between the views: not a hidden one
                 if t.pid == 0:
                     continue  # per-CPU idle tasks are not on the task list
+                if view == "runqueue" and addr in running and dead:
+                    # A self-reaping task (its parent ignores SIGCHLD) leaves the lists in
+                    # exit_notify and runs on to its last schedule(): a pause can fall
+                    # between. Only the task a CPU is running is excused, and only while
+                    # it is EXIT_DEAD; the next round no longer sees it at all.
+                    continue
                 out.append(self.finding(
                     f"task {t.pid} ({t.comm}) is hidden from the task list",
                     pid=t.pid, comm=t.comm, task=f"0x{addr:x}", seen_in=view))
