@@ -251,12 +251,9 @@ class CodeCheck(Check):
                 out.append(self.finding(f"process {t.pid} ({t.exe}) has an unexpected text range",
                                         pid=t.pid, start=f"0x{start:x}", end=f"0x{end:x}"))
                 continue
-            for vpage in range(start & ~(PAGE - 1), end, PAGE):
+            # Pages not resident have nothing in memory to be wrong.
+            for vpage, paddr in mem.user_pages(t.pgd, start, end):
                 want = pages.get(str(vpage - bias))
-                try:
-                    paddr = mem.uv2p(vpage, t.pgd)
-                except MemoryReadError:
-                    continue  # not resident: nothing in memory to be wrong
                 got = digests.get(paddr)
                 if got is None:
                     got = hashlib.sha256(mem.read_pa(paddr, PAGE)).hexdigest()[:32]
