@@ -7,6 +7,7 @@ paused (tests/attacks.py), undone afterwards so the session's guest stays clean.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
@@ -24,7 +25,7 @@ from vims.baseline import load as load_baseline
 from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
 from vims.lab import Lab, LabManager, LabSpec
-from vims.vmi.linux import Linux
+from vims.vmi.linux import Linux, Struct
 from vims.vmi.memory import GuestMemory, MemoryReadError
 from vims.vmi.profile import Profile
 
@@ -83,6 +84,29 @@ def test_process_list_equals_guest_ps(lab_manager: LabManager, lab: Lab, mem: Gu
     httpd = next(p for p in report["processes"] if p["comm"] == "httpd")
     assert (httpd["uid"], httpd["ppid"]) == (33, 1)
     kill_tagged(lab_manager, lab, "sleep", "7777")
+
+
+def test_own_page_walk_agrees_with_libvmi(lab_manager: LabManager, lab: Lab,
+                                          mem: GuestMemory) -> None:
+    """process.code's page-table walker against LibVMI's translation, page by page,
+    over every process's code, stack top and heap."""
+    pages = 0
+    with mem.paused():
+        mem.flush()
+        for t in Linux(mem).tasks():
+            if t.kernel_thread:
+                continue
+            mm = Struct(mem, "mm_struct", t.mm)
+            for lo, hi in ((mm.ptr("start_code"), mm.ptr("end_code")),
+                           (mm.ptr("start_stack") - (64 << 10), mm.ptr("start_stack")),
+                           (mm.ptr("start_brk"), mm.ptr("brk"))):
+                ref = {}
+                for v in range(lo & ~4095, hi, 4096):
+                    with contextlib.suppress(MemoryReadError):
+                        ref[v] = mem.uv2p(v, t.pgd) & ~4095
+                assert dict(mem.user_pages(t.pgd, lo, hi)) == ref, (t.pid, t.comm, hex(lo))
+                pages += len(ref)
+    assert pages > 500
 
 
 def test_module_list_equals_proc_modules(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
