@@ -140,6 +140,9 @@ class Check(ABC):
     severity: ClassVar[Severity]
     category: ClassVar[Category]
     default: ClassVar[bool] = True  # part of "all checks" when none are named
+    # Walks linked, changing structures: a paused round runs it with the guest stopped.
+    # Checks of memory that does not move (kernel text, tables) run after the pause.
+    needs_pause: ClassVar[bool] = True
 
     @abstractmethod
     def run(self, ctx: Context) -> list[Finding]:

@@ -38,6 +38,7 @@ class SyscallTableCheck(Check):
         "Each sys_call_table entry points at the handler the profile expects.")
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
+    needs_pause = False  # static memory: nothing to tear
 
     def run(self, ctx: Context) -> list[Finding]:
         expected = ctx.profile.syscall_table
@@ -62,6 +63,7 @@ class IdtCheck(Check):
     description: ClassVar[str] = "IDT gates point at the handlers of the clean baseline."
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
+    needs_pause = False  # static memory: nothing to tear
 
     def run(self, ctx: Context) -> list[Finding]:
         if xen_guest_type(ctx.mem) == "pv":
@@ -239,6 +241,7 @@ class KernelTextCheck(Check):
         "Kernel text equals the clean baseline outside the runtime patch sites.")
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
+    needs_pause = False  # static memory: nothing to tear
 
     def run(self, ctx: Context) -> list[Finding]:
         from vims.vmi.ktext import compare_text, expected_text, read_text
