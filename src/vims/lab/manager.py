@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vims import ui
-from vims.errors import LabError
+from vims.errors import GuestCommandError, LabError
 from vims.lab.console import GuestResult, run_in_guest
 from vims.lab.initramfs import ensure_initramfs
 from vims.lab.kernel import GuestKernel, ensure_kernel
@@ -402,13 +402,20 @@ class LabManager:
         through its bridged console, or in dom0 with ``dom0=True``."""
         lab = self.get(name)
         if lab.hypervisor == "xen":
-            from vims.lab.xen import dom0_exec
+            from vims.lab.xen import dom0_exec, domain_problem
 
             if dom0:
                 return dom0_exec(lab, command, timeout)
             dom = self.domain(lab, domain)
-            return run_in_guest(Path(dom["console_socket"]),
-                                lab.dir / f"console-{dom['name']}.lock", command, timeout)
+            try:
+                return run_in_guest(Path(dom["console_socket"]),
+                                    lab.dir / f"console-{dom['name']}.lock", command, timeout)
+            except GuestCommandError as exc:
+                # A silent console most often means a dead domain: say so, with its tail.
+                problem = domain_problem(lab, dom["name"])
+                if problem is None:
+                    raise
+                raise GuestCommandError(f"{exc}: {problem}") from exc
         if dom0 or domain is not None:
             raise LabError(f"lab '{name}' is a QEMU lab: it has no dom0 or domains")
         deadline = time.monotonic() + min(pause_grace, timeout)
