@@ -12,7 +12,14 @@ import pytest
 from vims.baseline import cpio_files
 from vims.checks.base import Category, Check, Context, NotApplicable, Severity, Status
 from vims.errors import LabError
-from vims.lab.xen import console_tail, crashed_domids, domu_config, domu_initrd, domu_types
+from vims.lab.xen import (
+    console_tail,
+    crashed_domids,
+    domu_config,
+    domu_initrd,
+    domu_types,
+    xen_console_tail,
+)
 from vims.lab.xenimage import dom0_requirements
 from vims.rems.verdict import TIERS, VerdictPolicy, appraise
 
@@ -137,3 +144,24 @@ def test_console_tail_names_the_panic_above_its_stack_dump() -> None:
     tail = console_tail(raw, 2)
     assert tail == ["[  482.2] Kernel panic - not syncing: sysrq triggered crash",
                     "[  482.5] </TASK>", "[  482.6] Kernel Offset: disabled"]
+
+
+def test_xen_console_tail_keeps_where_a_domain_died(tmp_path: Path) -> None:
+    from vims.lab.manager import Lab
+
+    log = tmp_path / "serial.log"
+    regs = b"".join(b"(XEN) r%d: 0000000000000000\n" % i for i in range(20))
+    log.write_bytes(b"(XEN) Dom0 has maximum 2 VCPUs\n(XEN) Freed 656kB init memory\n"
+                    b"dom0# ls\n(XEN) d2v0 Triple fault - invoking HVM shutdown action 1\n"
+                    b"(XEN) *** Dumping Dom2 vcpu#0 state: ***\n"
+                    b"(XEN) RIP:    0010:[<ffffffff8108a851>]\n" + regs)
+    lab = Lab.__new__(Lab)
+    object.__setattr__(lab, "serial_log", str(log))
+    tail = xen_console_tail(lab, 2)
+    assert tail == ["(XEN) d2v0 Triple fault - invoking HVM shutdown action 1",
+                    "(XEN) *** Dumping Dom2 vcpu#0 state: ***",
+                    "(XEN) RIP:    0010:[<ffffffff8108a851>]",
+                    "(XEN) r18: 0000000000000000", "(XEN) r19: 0000000000000000"]
+    # Nothing after boot: nothing to say (the boot banner is not news).
+    log.write_bytes(b"(XEN) Dom0 has maximum 2 VCPUs\n(XEN) Freed 656kB init memory\n")
+    assert xen_console_tail(lab) == []

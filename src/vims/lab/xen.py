@@ -313,6 +313,9 @@ _XEN_CRASH = re.compile(rb"Dumping Dom(\d+) vcpu|Domain (\d+) .{0,40}crashed"
                         rb"|d(\d+)v\d+ [Tt]riple fault")
 
 
+_XEN_KEY = re.compile(r"Triple fault|crashed|domain_crash|Dumping Dom|RIP:")
+
+
 def xen_console_tail(lab: Lab, lines: int = 6) -> list[str]:
     """The last lines Xen itself printed (``(XEN)``) on the lab's serial console after boot."""
     try:
@@ -322,7 +325,10 @@ def xen_console_tail(lab: Lab, lines: int = 6) -> list[str]:
     xen = [ln.strip() for ln in raw.decode(errors="replace").splitlines() if "(XEN)" in ln]
     booted = max((i for i, ln in enumerate(xen) if "Freed" in ln and "init memory" in ln),
                  default=-1)
-    return xen[booted + 1:][-lines:]
+    after = xen[booted + 1:]
+    # Of a vCPU dump, what says where the guest died; then Xen's last lines.
+    key = [ln for ln in after[:-lines or None] if _XEN_KEY.search(ln)]
+    return key[-4:] + after[-lines:]
 
 
 def crashed_domids(console: bytes) -> set[int]:
