@@ -440,12 +440,18 @@ class LabManager:
         raise LabError(f"lab '{lab.name}' has no domain '{name}' (domains: {known})")
 
     def _xl(self, lab: Lab, verb: str, domain: str | None) -> None:
-        from vims.lab.xen import dom0_ok
+        from vims.lab.xen import dom0_ssh
 
         names = [self.domain(lab, domain)["name"]] if domain else [
             d["name"] for d in lab.domains]
         for dom in names:
-            dom0_ok(lab, f"xl {verb} {dom}")
+            # SSH, not dom0's serial console: under load that console lost the end
+            # marker of an `xl unpause` and the domain stayed paused.
+            proc = dom0_ssh(lab, f"xl {verb} {dom}", timeout=60)
+            if proc.returncode != 0:
+                detail = (proc.stderr.strip() or proc.stdout.strip() or "no output")
+                raise LabError(f"dom0: xl {verb} {dom} failed ({proc.returncode}): "
+                               f"{detail.splitlines()[-1]}")
 
     def pause(self, name: str, domain: str | None = None) -> Lab:
         """Stop the C-VM: QMP stop, or `xl pause` of its domains on a Xen lab."""
