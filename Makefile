@@ -29,7 +29,8 @@ unit: setup
 test: lint
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
 
-# The nested Xen lab's tests (opt-in: about 15 min, not yet reliable enough for CI).
+# The nested Xen lab's tests (opt-in: 10-21 min with a cached dom0 image, not yet
+# three clean runs in a row; see README, "The Xen lab").
 test-xen: setup
 	VIMS_XEN_TESTS=1 $(PY) -m pytest -q tests/integration/test_xen_lab.py $(PYTEST_ARGS)
 

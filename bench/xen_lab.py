@@ -29,7 +29,7 @@ from pathlib import Path
 
 from vims.lab import LabManager, LabSpec
 from vims.lab.kernel import ensure_kernel
-from vims.lab.xen import ssh_command
+from vims.lab.xen import dom0_ssh
 
 BENCH = Path(__file__).parent
 VENV_BIN = Path(sys.executable).parent
@@ -59,8 +59,11 @@ def main() -> None:
         dom = lab.domains[0]["name"]
 
         def dom0(cmd: str) -> str:
-            return subprocess.run(ssh_command(lab, cmd), check=True, capture_output=True,
-                                  text=True, timeout=1800).stdout
+            proc = dom0_ssh(lab, cmd, timeout=1800)  # bounded in dom0 too
+            if proc.returncode != 0:
+                raise SystemExit(f"dom0: '{cmd[:60]}' exited {proc.returncode}: "
+                                 f"{proc.stderr.strip()[-300:]}")
+            return proc.stdout
 
         # The domU's own clock (10 ms resolution): 300 fork/execs take seconds.
         loop = ("t0=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt 300 ]; do /bin/true; "

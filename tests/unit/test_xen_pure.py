@@ -12,7 +12,14 @@ import pytest
 from vims.baseline import cpio_files
 from vims.checks.base import Category, Check, Context, NotApplicable, Severity, Status
 from vims.errors import LabError
-from vims.lab.xen import domu_config, domu_initrd, domu_types
+from vims.lab.xen import (
+    console_tail,
+    crashed_domids,
+    domu_config,
+    domu_initrd,
+    domu_types,
+    xen_console_tail,
+)
 from vims.lab.xenimage import dom0_requirements
 from vims.rems.verdict import TIERS, VerdictPolicy, appraise
 
@@ -93,3 +100,68 @@ def test_not_applicable_is_its_own_status_and_affirms_nothing() -> None:
                           "category": "executables", "error": "PV"}], "findings": []}
     appraisal = appraise(report, VerdictPolicy(name="test"))
     assert appraisal.vector["executables"] == TIERS["none"]
+
+
+def test_domains_are_kept_after_a_crash_or_a_triple_fault() -> None:
+    # Xen turns an HVM/PVH triple fault into a reboot: "destroy" would leave nothing
+    # to look at, and the tests would only see a domain missing.
+    cfg = domu_config("cvm2", "pvh", 256)
+    assert 'on_crash = "preserve"' in cfg
+    assert 'on_reboot = "preserve"' in cfg
+
+
+# As Xen 4.17 prints them (hvm_triple_fault(), __domain_crash()), between other lines.
+XEN_CONSOLE = b"""(XEN) Freed 656kB init memory
+dom0# __VIMS_0123_RC=0
+(XEN) d2v0 Triple fault - invoking HVM shutdown action 1
+(XEN) *** Dumping Dom2 vcpu#0 state: ***
+(XEN) ----[ Xen-4.17.6-pre  x86_64  debug=n  Not tainted ]----
+(XEN) Domain 3 (vcpu#0) crashed on cpu#1:
+(XEN) *** Dumping Dom0 vcpu#1 state: ***
+"""
+
+
+def test_crashed_domids_reads_xens_own_words() -> None:
+    assert crashed_domids(XEN_CONSOLE) == {0, 2, 3}
+    assert crashed_domids(b"(XEN) d1v0 RDMSR 0x0000001b unimplemented\n") == set()
+    assert crashed_domids(b"") == set()
+
+
+def test_console_tail_drops_the_exec_framing() -> None:
+    raw = (b"cvm# cvm# __VIMS_ab12_OUT\n152\n\n__VIMS_ab12_ERR\n\n__VIMS_ab12_RC=0\n"
+           b"cvm# [  219.1] sysrq: Trigger a crash\n"
+           b"[  219.2] Kernel panic - not syncing: sysrq triggered crash\n")
+    assert console_tail(raw, 2) == ["[  219.1] sysrq: Trigger a crash",
+                                    "[  219.2] Kernel panic - not syncing: sysrq triggered crash"]
+    assert console_tail(raw, 9)[0] == "152"
+
+
+def test_console_tail_names_the_panic_above_its_stack_dump() -> None:
+    dump = b"".join(b"[  482.4] R%d: 0000000000000000\n" % i for i in range(12))
+    raw = (b"cvm# [  482.1] sysrq: Trigger a crash\n"
+           b"[  482.2] Kernel panic - not syncing: sysrq triggered crash\n" + dump
+           + b"[  482.5] </TASK>\n[  482.6] Kernel Offset: disabled\n")
+    tail = console_tail(raw, 2)
+    assert tail == ["[  482.2] Kernel panic - not syncing: sysrq triggered crash",
+                    "[  482.5] </TASK>", "[  482.6] Kernel Offset: disabled"]
+
+
+def test_xen_console_tail_keeps_where_a_domain_died(tmp_path: Path) -> None:
+    from vims.lab.manager import Lab
+
+    log = tmp_path / "serial.log"
+    regs = b"".join(b"(XEN) r%d: 0000000000000000\n" % i for i in range(20))
+    log.write_bytes(b"(XEN) Dom0 has maximum 2 VCPUs\n(XEN) Freed 656kB init memory\n"
+                    b"dom0# ls\n(XEN) d2v0 Triple fault - invoking HVM shutdown action 1\n"
+                    b"(XEN) *** Dumping Dom2 vcpu#0 state: ***\n"
+                    b"(XEN) RIP:    0010:[<ffffffff8108a851>]\n" + regs)
+    lab = Lab.__new__(Lab)
+    object.__setattr__(lab, "serial_log", str(log))
+    tail = xen_console_tail(lab, 2)
+    assert tail == ["(XEN) d2v0 Triple fault - invoking HVM shutdown action 1",
+                    "(XEN) *** Dumping Dom2 vcpu#0 state: ***",
+                    "(XEN) RIP:    0010:[<ffffffff8108a851>]",
+                    "(XEN) r18: 0000000000000000", "(XEN) r19: 0000000000000000"]
+    # Nothing after boot: nothing to say (the boot banner is not news).
+    log.write_bytes(b"(XEN) Dom0 has maximum 2 VCPUs\n(XEN) Freed 656kB init memory\n")
+    assert xen_console_tail(lab) == []

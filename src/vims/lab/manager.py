@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vims import ui
-from vims.errors import LabError
+from vims.errors import GuestCommandError, LabError
 from vims.lab.console import GuestResult, run_in_guest
 from vims.lab.initramfs import ensure_initramfs
 from vims.lab.kernel import GuestKernel, ensure_kernel
@@ -422,13 +422,20 @@ class LabManager:
         through its bridged console, or in dom0 with ``dom0=True``."""
         lab = self.get(name)
         if lab.hypervisor == "xen":
-            from vims.lab.xen import dom0_exec
+            from vims.lab.xen import dom0_exec, domain_problem
 
             if dom0:
                 return dom0_exec(lab, command, timeout)
             dom = self.domain(lab, domain)
-            return run_in_guest(Path(dom["console_socket"]),
-                                lab.dir / f"console-{dom['name']}.lock", command, timeout)
+            try:
+                return run_in_guest(Path(dom["console_socket"]),
+                                    lab.dir / f"console-{dom['name']}.lock", command, timeout)
+            except GuestCommandError as exc:
+                # A silent console most often means a dead domain: say so, with its tail.
+                problem = domain_problem(lab, dom["name"])
+                if problem is None:
+                    raise
+                raise GuestCommandError(f"{exc}: {problem}") from exc
         if dom0 or domain is not None:
             raise LabError(f"lab '{name}' is a QEMU lab: it has no dom0 or domains")
         deadline = time.monotonic() + min(pause_grace, timeout)
@@ -453,12 +460,18 @@ class LabManager:
         raise LabError(f"lab '{lab.name}' has no domain '{name}' (domains: {known})")
 
     def _xl(self, lab: Lab, verb: str, domain: str | None) -> None:
-        from vims.lab.xen import dom0_ok
+        from vims.lab.xen import dom0_ssh
 
         names = [self.domain(lab, domain)["name"]] if domain else [
             d["name"] for d in lab.domains]
         for dom in names:
-            dom0_ok(lab, f"xl {verb} {dom}")
+            # SSH, not dom0's serial console: under load that console lost the end
+            # marker of an `xl unpause` and the domain stayed paused.
+            proc = dom0_ssh(lab, f"xl {verb} {dom}", timeout=60)
+            if proc.returncode != 0:
+                detail = (proc.stderr.strip() or proc.stdout.strip() or "no output")
+                raise LabError(f"dom0: xl {verb} {dom} failed ({proc.returncode}): "
+                               f"{detail.splitlines()[-1]}")
 
     def pause(self, name: str, domain: str | None = None) -> Lab:
         """Stop the C-VM: QMP stop, or `xl pause` of its domains on a Xen lab."""

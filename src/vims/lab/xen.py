@@ -24,6 +24,8 @@ Channels from the host:
 from __future__ import annotations
 
 import gzip
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,8 +95,11 @@ def domu_config(name: str, domu_type: str, memory_mb: int) -> str:
         'extra = "console=hvc0 quiet loglevel=1 panic=-1"',
         f"memory = {memory_mb}",
         "vcpus = 1",
+        # A dead domain stays for a post-mortem (xl list shows it, xl dump-core reads
+        # it): Xen turns a PVH domU's triple fault into a reboot ("Triple fault -
+        # invoking HVM shutdown action 1", then "Dumping DomN vcpu#0 state").
         'on_crash = "preserve"',
-        'on_reboot = "destroy"',
+        'on_reboot = "preserve"',
     ]
     if domu_type == "pvh":
         # Measured: without these a PVH domU hangs early under nested TCG.
@@ -241,11 +246,191 @@ def dom0_ok(lab: Lab, command: str, timeout: float = 60.0) -> str:
 
 
 def ssh_command(lab: Lab, command: str | None = None) -> list[str]:
-    """An ssh command line into dom0 (for people, Ansible and tests)."""
+    """An ssh command line into dom0 (for people, Ansible and tests).
+
+    Keep-alives end the session when dom0 stops answering (a hung or dead QEMU)
+    instead of leaving ssh waiting on a socket that never closes.
+    """
     cmd = ["ssh", "-i", lab.ssh_key, "-p", str(lab.ssh_port), "-o", "BatchMode=yes",
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-           "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "root@127.0.0.1"]
+           "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
+           "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "root@127.0.0.1"]
     return [*cmd, command] if command is not None else cmd
+
+
+def _short(command: str) -> str:
+    line = " ".join(command.split())
+    return line if len(line) <= 70 else line[:67] + "..."
+
+
+# ssh's words when the session never started (so the command never ran and may be
+# sent again): under load, QEMU's user-mode network accepts the connection on the
+# host and then drops it before dom0's sshd answers.
+_NOT_STARTED = ("kex_exchange_identification", "Connection refused", "Connection reset",
+                "Connection closed", "Connection timed out", "banner exchange")
+SSH_ATTEMPTS = 4
+
+
+def dom0_ssh(lab: Lab, command: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in dom0 over SSH, bounded by ``timeout`` seconds on both ends.
+
+    dom0's ``timeout`` ends the command there a little earlier than ssh is given
+    up here, so a command stuck in dom0 (a LibVMI call on a dead domain) does not
+    live on; it gets SIGTERM first, so that it can resume a domain it paused. A
+    session that never started is tried again (a few times, within ``timeout``).
+    A timeout, or ssh failing, is a one-line :class:`LabError`; the command's own
+    failure is the caller's to judge (its status and output).
+    """
+    deadline = time.monotonic() + timeout
+    for attempt in range(1, SSH_ATTEMPTS + 1):
+        left = deadline - time.monotonic()
+        remote = f"timeout -k 10 {max(1, int(left) - 15)} sh -c {shlex.quote(command)}"
+        try:
+            proc = subprocess.run(ssh_command(lab, remote), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=left, check=False)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"dom0 (ssh): '{_short(command)}' gave no answer within "
+                           f"{timeout:.0f} s") from None
+        if proc.returncode != 255 or proc.stdout:
+            break
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        if not any(w in last for w in _NOT_STARTED) or attempt == SSH_ATTEMPTS \
+                or deadline - time.monotonic() < 30:
+            raise LabError(f"dom0 (ssh): '{_short(command)}' failed: {last}"
+                           + (f" ({attempt} attempts)" if attempt > 1 else ""))
+        time.sleep(3 * attempt)
+    if proc.returncode == 124:
+        raise LabError(f"dom0: '{_short(command)}' timed out after {timeout - 15:.0f} s "
+                       "(stopped by timeout in dom0)")
+    return proc
+
+
+# xl list's state column: r running, b blocked, p paused, s shut down, c crashed, d dying.
+_BAD_STATES = {"c": "crashed", "s": "shut down", "d": "dying"}
+# What Xen prints when it crashes a domain (domain_crash(): "Domain 2 (vcpu#0) crashed
+# on cpu#1:", then "*** Dumping Dom2 vcpu#0 state: ***"; a triple fault names d2v0).
+_XEN_CRASH = re.compile(rb"Dumping Dom(\d+) vcpu|Domain (\d+) .{0,40}crashed"
+                        rb"|d(\d+)v\d+ [Tt]riple fault")
+
+
+_XEN_KEY = re.compile(r"Triple fault|crashed|domain_crash|Dumping Dom|RIP:")
+
+
+def xen_console_tail(lab: Lab, lines: int = 6) -> list[str]:
+    """The last lines Xen itself printed (``(XEN)``) on the lab's serial console after boot."""
+    try:
+        raw = Path(lab.serial_log).read_bytes()
+    except OSError:
+        return []
+    xen = [ln.strip() for ln in raw.decode(errors="replace").splitlines() if "(XEN)" in ln]
+    booted = max((i for i, ln in enumerate(xen) if "Freed" in ln and "init memory" in ln),
+                 default=-1)
+    after = xen[booted + 1:]
+    # Of a vCPU dump, what says where the guest died; then Xen's last lines.
+    key = [ln for ln in after[:-lines or None] if _XEN_KEY.search(ln)]
+    return key[-4:] + after[-lines:]
+
+
+def crashed_domids(console: bytes) -> set[int]:
+    """Domain ids that Xen's console output says crashed or triple-faulted."""
+    return {int(next(g for g in m.groups() if g)) for m in _XEN_CRASH.finditer(console)}
+
+
+def crashed_in_xen_log(lab: Lab) -> set[int]:
+    """Domain ids that the lab's Xen console says crashed (host side: no dom0 needed)."""
+    try:
+        return crashed_domids(Path(lab.serial_log).read_bytes())
+    except OSError:
+        return set()
+
+
+# A kernel's last words worth naming even when a register dump follows them.
+_LAST_WORDS = re.compile(r"Kernel panic|BUG:|Oops|general protection|Fatal exception"
+                         r"|segfault|double linked list corrupted")
+
+
+def console_tail(console: bytes, lines: int = 4) -> list[str]:
+    """The last lines a C-VM's console printed, without the exec framing (markers, prompts).
+
+    A panic or oops line further up (a stack dump follows it) comes first.
+    """
+    text = []
+    for raw in console.decode(errors="replace").splitlines():
+        line = raw.strip()
+        while line.startswith("cvm# "):
+            line = line[5:].lstrip()
+        if line and line != "cvm#" and "__VIMS_" not in line and "base64 -d" not in line:
+            text.append(line)
+    tail = text[-lines:]
+    cause = [ln for ln in text[-80:-lines or None] if _LAST_WORDS.search(ln)]
+    return cause[:1] + tail if lines else tail
+
+
+def domain_console_tail(dom: dict[str, Any], lines: int = 4) -> list[str]:
+    """The last lines of a C-VM's own console (a panic lands there), read on the host."""
+    try:
+        return console_tail(Path(dom["console_log"]).read_bytes()[-(64 << 10):], lines)
+    except OSError:
+        return []
+
+
+def domain_states(lab: Lab, timeout: float = 45.0) -> dict[str, str]:
+    """``xl list`` in dom0: domain name -> state flags (``-b----``)."""
+    proc = dom0_ssh(lab, "xl list", timeout)
+    if proc.returncode != 0:
+        raise LabError(f"dom0: xl list failed: {(proc.stderr.strip() or 'no output')[-200:]}")
+    states = {}
+    for line in proc.stdout.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 6:
+            states[fields[0]] = fields[4]
+    return states
+
+
+def domain_problems(lab: Lab, timeout: float = 45.0) -> list[str]:
+    """What is wrong with the lab's C-VM domains, one line each (empty: all running).
+
+    Xen's own console is read on the host, so a crash is seen even when dom0 does
+    not answer; ``xl list`` then tells a crashed, missing or paused domain.
+    """
+    problems = []
+    crashed = crashed_in_xen_log(lab)
+    try:
+        states: dict[str, str] | None = domain_states(lab, timeout)
+    except LabError as exc:
+        states = None
+        problems.append(str(exc))
+    for dom in lab.domains:
+        name = dom["name"]
+        why = []
+        if dom["domid"] in crashed:
+            why.append(f"Xen dumped its vCPU state (domain {dom['domid']} crashed)")
+        if states is not None:
+            flags = states.get(name)
+            if flags is None:
+                why.append("not in xl list")
+            else:
+                bad = [text for flag, text in _BAD_STATES.items() if flag in flags]
+                if bad:
+                    why.append(f"xl list says {', '.join(bad)} ({flags})")
+        if why:
+            tail = domain_console_tail(dom)
+            problems.append(f"C-VM domain {name}: " + "; ".join(why)
+                            + ("; its console: " + " | ".join(tail) if tail else ""))
+    if problems:
+        xen = xen_console_tail(lab)
+        if xen:
+            problems.append("Xen console: " + " | ".join(xen))
+    return problems
+
+
+def domain_problem(lab: Lab, name: str, timeout: float = 45.0) -> str | None:
+    """One line on what is wrong with domain ``name`` (None: it runs)."""
+    lines = [p for p in domain_problems(lab, timeout)
+             if p.startswith((f"C-VM domain {name}:", "dom0", "Xen console"))]
+    if not any(p.startswith(("C-VM", "dom0")) for p in lines):
+        return None
+    return "; ".join(lines)
 
 
 def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: int,
@@ -256,8 +441,14 @@ def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: in
     log = lab.dir / f"cvm{index}.log"
     tty = f"/dev/ttyS{FIRST_PCI_TTY + index}"
     start = time.monotonic()
-    out = dom0_ok(lab, f"sh {SHARE_MOUNT}/bin/vims-domu-start {name} "
-                       f"{SHARE_MOUNT}/{name}.cfg {tty}", timeout=180)
+    # Over SSH rather than dom0's serial console: under load Xen's console loses bytes
+    # of dom0's output, and a lost end marker costs the whole timeout.
+    proc = dom0_ssh(lab, f"sh {SHARE_MOUNT}/bin/vims-domu-start {name} "
+                         f"{SHARE_MOUNT}/{name}.cfg {tty}", timeout=180)
+    out = proc.stdout
+    if proc.returncode != 0:
+        detail = (out.strip() or proc.stderr.strip() or "no output").splitlines()[-1]
+        raise LabError(f"vims-domu-start {name} failed ({proc.returncode}): {detail}")
     try:
         domid = int(out.strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
@@ -266,9 +457,12 @@ def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: in
     while time.monotonic() < deadline:
         if log.exists() and CVM_READY.encode() in log.read_bytes():
             break
+        if domid in crashed_in_xen_log(lab):
+            raise LabError(f"C-VM domain {name} crashed while booting; Xen console: "
+                           + " | ".join(xen_console_tail(lab, 3)))
         time.sleep(0.3)
     else:
-        tail = dom0_exec(lab, f"tail -c 600 /var/log/xen/console/guest-{name}.log").stdout
+        tail = dom0_ssh(lab, f"tail -c 600 /var/log/xen/console/guest-{name}.log", 60).stdout
         raise LabError(f"C-VM domain {name} not ready after {timeout:.0f} s; console tail: "
                        + " | ".join(tail.strip().splitlines()[-3:]))
     return Domain(name=name, type=domu_type, memory_mb=memory_mb, domid=domid,
@@ -320,6 +514,7 @@ def boot_xen_lab(spec: LabSpec, ldir: Path,
         cmdline=cmd, hypervisor="xen", ssh_port=ssh_port, ssh_key=str(key),
         share_dir=str(share), dom0_ready_seconds=dom0_seconds,
     )
+    dom0_ok(lab, f"sh {SHARE_MOUNT}/bin/vims-dom0-sshd", timeout=120)
     domains = []
     for i in range(spec.cvms):
         name = f"cvm{i + 1}"

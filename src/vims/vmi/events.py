@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from vims.errors import VimsError
 
@@ -51,6 +52,36 @@ class Cr3Stats:
             if self.events else None,
             "top_roots": [{"cr3": f"0x{cr3:x}", "writes": n} for cr3, n in top],
         }
+
+
+MAX_DRAIN_ROUNDS = 1000
+
+
+def _detach(vmi: Any, event: Any, libvmi_error: type[Exception]) -> None:
+    """Stop monitoring without leaving a vCPU behind.
+
+    A vCPU that trapped on a CR3 write waits (a vm_event pause, not a domain
+    pause: ``xl list`` shows neither ``p`` nor ``b``) until the monitor answers.
+    Clearing the event while the domain runs lets a write trap between the last
+    ``listen`` and the clear; its request is never answered, and once the ring
+    is gone the domU hangs at that write for good (seen: a PVH domU stuck in
+    ``load_new_mm_cr3``, its console silent). So, as LibVMI's own examples do:
+    pause, clear, answer every pending request, resume.
+    """
+    paused = False
+    with contextlib.suppress(libvmi_error):
+        vmi.pause_vm()
+        paused = True
+    with contextlib.suppress(libvmi_error):
+        vmi.clear_event(event)
+    for _ in range(MAX_DRAIN_ROUNDS):
+        if vmi.are_events_pending() <= 0:
+            break
+        with contextlib.suppress(libvmi_error):
+            vmi.listen(0)
+    if paused:
+        with contextlib.suppress(libvmi_error):
+            vmi.resume_vm()
 
 
 def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
@@ -93,10 +124,7 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
                 vmi.listen(min(500, max(1, int((seconds - (time.monotonic() - start)) * 1000))))
         finally:
             stats.seconds = time.monotonic() - start
-            with contextlib.suppress(LibvmiError):
-                vmi.clear_event(event)
-            with contextlib.suppress(LibvmiError):
-                vmi.listen(0)  # deliver what is in flight before the ring goes away
+            _detach(vmi, event, LibvmiError)
     finally:
         with contextlib.suppress(Exception), _stdout_to_stderr():
             vmi.destroy()
