@@ -77,6 +77,13 @@ def lab_deployment(prefix: str, **kwargs: Any) -> Iterator[LabDeployment]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def findings_of(report: dict[str, Any], check: str) -> list[dict[str, Any]]:
+    """The findings of one check in a report; that check must not have errored."""
+    status = {c["id"]: c for c in report["checks"]}[check]
+    assert status["error"] is None, status["error"]
+    return [f for f in report["findings"] if f["check"] == check]
+
+
 def vims(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
          ) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from tests.attacks import patched, unlinked
-from tests.conftest import sh, start_bg, vims
+from tests.conftest import findings_of, sh, start_bg, vims
 from vims.baseline import load as load_baseline
 from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
@@ -48,12 +48,6 @@ def round_(mem: GuestMemory, baseline: dict[str, Any], policy: dict[str, Any],
     report = run_round(mem, list(ids), baseline, policy, consistency, {"memory": "lab"})
     jsonschema.validate(report, SCHEMA)
     return report
-
-
-def findings(report: dict[str, Any], check: str) -> list[dict[str, Any]]:
-    status = {c["id"]: c for c in report["checks"]}[check]
-    assert status["error"] is None, status["error"]
-    return [f for f in report["findings"] if f["check"] == check]
 
 
 def kill_tagged(mgr: LabManager, lab: Lab, comm: str, tag: str) -> None:
@@ -127,7 +121,7 @@ def test_module_list_equals_proc_modules(lab_manager: LabManager, lab: Lab, mem:
         assert seen() == guest_modules()
         assert "dummy" in seen()
         report = round_(mem, baseline, policy, "kernel.modules")
-        hits = findings(report, "kernel.modules")
+        hits = findings_of(report, "kernel.modules")
         assert [f["evidence"]["module"] for f in hits] == ["dummy"]
     finally:
         sh(lab_manager, lab, "rmmod dummy")
@@ -229,11 +223,11 @@ def test_syscall_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemo
     evil = mem.u64(table)  # __x64_sys_read's address: a real handler, the wrong one
     with lab_manager.paused(lab.name), patched(mem, table + 39 * 8, struct.pack("<Q", evil)):
         report = round_(mem, baseline, policy, "kernel.syscall_table")
-    hits = findings(report, "kernel.syscall_table")
+    hits = findings_of(report, "kernel.syscall_table")
     assert [f["evidence"]["nr"] for f in hits] == [39]
     assert "getpid" in hits[0]["evidence"]["expected_symbol"]
     assert "read" in hits[0]["evidence"]["found_symbol"]
-    assert findings(round_(mem, baseline, policy, "kernel.syscall_table"),
+    assert findings_of(round_(mem, baseline, policy, "kernel.syscall_table"),
                     "kernel.syscall_table") == []
 
 
@@ -243,10 +237,10 @@ def test_kernel_text_patch_is_found(lab_manager: LabManager, lab: Lab, mem: Gues
     target = mem.sym("__x64_sys_kexec_load") + 0x10
     with lab_manager.paused(lab.name), patched(mem, target, b"\x90\x90\x90\x90"):
         report = round_(mem, baseline, policy, "kernel.text")
-    hits = findings(report, "kernel.text")
+    hits = findings_of(report, "kernel.text")
     assert len(hits) == 1
     assert hits[0]["evidence"]["page"] == f"0x{target & ~0xFFF:x}"
-    assert findings(round_(mem, baseline, policy, "kernel.text"), "kernel.text") == []
+    assert findings_of(round_(mem, baseline, policy, "kernel.text"), "kernel.text") == []
 
 
 def test_dispatcher_patch_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
@@ -254,7 +248,7 @@ def test_dispatcher_patch_is_found(lab_manager: LabManager, lab: Lab, mem: Guest
     # 6.1 dispatches through x64_sys_call(): hooking there bypasses the table.
     target = mem.sym("x64_sys_call") + 0x40
     with lab_manager.paused(lab.name), patched(mem, target, b"\xcc"):
-        hits = findings(round_(mem, baseline, policy, "kernel.text"), "kernel.text")
+        hits = findings_of(round_(mem, baseline, policy, "kernel.text"), "kernel.text")
     assert len(hits) == 1
     assert "x64_sys_call" in hits[0]["evidence"]["symbol"] or hits[0]["evidence"]["page"] == \
         f"0x{target & ~0xFFF:x}"
@@ -265,7 +259,7 @@ def test_idt_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
     gate = mem.sym("idt_table") + 3 * 16  # #BP
     low = mem.read(gate, 2)
     with lab_manager.paused(lab.name), patched(mem, gate, bytes([low[0] ^ 0x40, low[1]])):
-        hits = findings(round_(mem, baseline, policy, "kernel.idt"), "kernel.idt")
+        hits = findings_of(round_(mem, baseline, policy, "kernel.idt"), "kernel.idt")
     assert [f["evidence"]["vector"] for f in hits] == [3]
 
 
@@ -280,7 +274,7 @@ def test_hidden_process_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMe
             with unlinked(mem, entry):
                 report = round_(mem, baseline, policy, "process.hidden")
                 assert victim.pid not in {p["pid"] for p in report["processes"]}
-            hits = findings(report, "process.hidden")
+            hits = findings_of(report, "process.hidden")
         assert [f["evidence"]["pid"] for f in hits] == [victim.pid]
         assert hits[0]["evidence"]["seen_in"] == "pid_idr"
     finally:
@@ -298,7 +292,7 @@ def test_hidden_module_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMem
             with unlinked(mem, entry):
                 report = round_(mem, baseline, policy, "kernel.hidden_modules", "kernel.modules")
         assert "dummy" not in {m["name"] for m in report["modules"]}
-        hits = findings(report, "kernel.hidden_modules")
+        hits = findings_of(report, "kernel.hidden_modules")
         assert [f["evidence"]["module"] for f in hits] == ["dummy"]
     finally:
         sh(lab_manager, lab, "rmmod dummy")
@@ -318,7 +312,7 @@ def test_module_hidden_from_list_and_sysfs_is_found_by_scan(
             with unlinked(mem, dummy.address + p.offset("module", "list")), \
                     unlinked(mem, kobj_entry):
                 report = round_(mem, baseline, policy, "kernel.hidden_modules")
-        hits = findings(report, "kernel.hidden_modules")
+        hits = findings_of(report, "kernel.hidden_modules")
         assert [(f["evidence"]["module"], f["evidence"]["seen_in"]) for f in hits] == [
             ("dummy", "scan")]
     finally:
@@ -346,10 +340,10 @@ def test_patched_process_code_is_found(lab_manager: LabManager, lab: Lab, mem: G
             report = round_(mem, baseline, policy, "process.code")
         finally:
             mem.write_pa(paddr, original)
-    hits = findings(report, "process.code")
+    hits = findings_of(report, "process.code")
     assert any(f["evidence"]["pid"] == httpd.pid and f["evidence"]["page"] == f"0x{page:x}"
                for f in hits)
-    assert findings(round_(mem, baseline, policy, "process.code"), "process.code") == []
+    assert findings_of(round_(mem, baseline, policy, "process.code"), "process.code") == []
 
 
 def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
@@ -359,7 +353,7 @@ def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: Gue
     sh(lab_manager, lab, "mkdir -p /tmp/evil && cp /bin/busybox /tmp/evil/sleep")
     start_bg(lab_manager, lab, "/tmp/evil/sleep 5555 >/dev/null 2>&1", "sleep", "5555")
     try:
-        hits = findings(round_(mem, baseline, policy, "process.code"), "process.code")
+        hits = findings_of(round_(mem, baseline, policy, "process.code"), "process.code")
         assert [f["evidence"]["exe"] for f in hits] == ["/tmp/evil/sleep"]
     finally:
         kill_tagged(lab_manager, lab, "sleep", "5555")
@@ -370,7 +364,7 @@ def test_unexpected_listener_is_found(lab_manager: LabManager, lab: Lab, mem: Gu
                                       baseline: dict[str, Any], policy: dict[str, Any]) -> None:
     start_bg(lab_manager, lab, "nc -l -p 4444 >/dev/null 2>&1 </dev/null", "nc", "4444")
     try:
-        hits = findings(round_(mem, baseline, policy, "process.allowlist"), "process.allowlist")
+        hits = findings_of(round_(mem, baseline, policy, "process.allowlist"), "process.allowlist")
         assert [f["evidence"]["comm"] for f in hits] == ["nc"]
     finally:
         sh(lab_manager, lab, "kill $(pidof nc); true")
@@ -381,14 +375,14 @@ def test_root_credentials_written_in_place_are_found(
         policy: dict[str, Any]) -> None:
     start_bg(lab_manager, lab, "su alice -c 'sleep 6666 >/dev/null 2>&1 &'", "sleep", "6666")
     try:
-        assert findings(round_(mem, baseline, policy, "process.creds"), "process.creds") == []
+        assert findings_of(round_(mem, baseline, policy, "process.creds"), "process.creds") == []
         with lab_manager.paused(lab.name):
             mem.flush()
             victim = next(t for t in Linux(mem).tasks() if t.comm == "sleep" and t.uid == 1000)
             ids = victim.cred + mem.profile.offset("cred", "uid")
             with patched(mem, ids, bytes(32)):  # uid gid suid sgid euid egid fsuid fsgid = 0
                 report = round_(mem, baseline, policy, "process.creds")
-        hits = findings(report, "process.creds")
+        hits = findings_of(report, "process.creds")
         assert [f["evidence"]["pid"] for f in hits] == [victim.pid]
     finally:
         kill_tagged(lab_manager, lab, "sleep", "6666")
@@ -402,7 +396,7 @@ def test_shared_init_cred_is_found(lab_manager: LabManager, lab: Lab, mem: Guest
         field = httpd.address + mem.profile.offset("task_struct", "cred")
         with patched(mem, field, struct.pack("<Q", mem.sym("init_cred"))):
             report = round_(mem, baseline, policy, "process.creds")
-    hits = findings(report, "process.creds")
+    hits = findings_of(report, "process.creds")
     assert any(httpd.pid in f["evidence"].get("tgids", []) for f in hits)
 
 

@@ -36,6 +36,12 @@ def _requests(lab: Lab, n: int, path: str = "/") -> str:
             f"http://127.0.0.1:{lab.http_port}{path}; done'")
 
 
+def get_page(lab: Lab, timeout: float = 60, *, check: bool = True) -> int:
+    """One page request to the guest's httpd from the host; curl's exit status."""
+    return subprocess.run(["curl", "-s", "-m", str(timeout), "-o", "/dev/null",
+                           f"http://127.0.0.1:{lab.http_port}/"], check=check).returncode
+
+
 @pytest.fixture(scope="module")
 def model_path(lab: Lab, profile_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """httpd's model, learned with the real CLI from a clean run of page requests."""
@@ -109,8 +115,7 @@ def test_tracer_sees_httpd_system_calls_as_proc_does(lab: Lab, lab_manager: LabM
     events: list[SyscallEvent] = []
     assert lab.gdb_socket
     with SyscallTracer(mem, Path(lab.gdb_socket), {"httpd": ["httpd"]}, events.append) as tr:
-        subprocess.run(["curl", "-s", "-m", "60", "-o", "/dev/null",
-                        f"http://127.0.0.1:{lab.http_port}/"], check=True)
+        get_page(lab)
         wait_for(lambda: any(e.name == "exit_group" for e in events), 30)
     assert tr.error is None
     server = [e for e in events if e.tgid == httpd]
@@ -200,8 +205,7 @@ def test_rems_policy_enforces_the_model_through_the_a_vm(
     assert dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "traced"}') == 200
     dep.start_avm()
     wait_for(lambda: dep.decision() == 200, 90, step=0.5)  # traced, clean
-    subprocess.run(["curl", "-s", "-m", "60", "-o", "/dev/null",
-                    f"http://127.0.0.1:{lab.http_port}/"], check=True)
+    get_page(lab)
     status, body = dep.call("POST", f"/v1/attest/{dep.cvm}", b'{"timeout_s": 60}', timeout=70)
     assert status == 200
     assert json.loads(body)["trusted"], body  # normal traffic stays trusted
@@ -236,8 +240,7 @@ def test_a_tracer_killed_while_attached_does_not_freeze_the_c_vm(
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(owner.exists, 60)
-        subprocess.run(["curl", "-s", "-m", "60", "-o", "/dev/null",  # traced: armed by now
-                        f"http://127.0.0.1:{lab.http_port}/"], check=True)
+        get_page(lab)  # traced: armed by now
         tracer.kill()  # SIGKILL: no detach, breakpoints stay armed in QEMU
         tracer.wait(10)
     finally:
@@ -247,9 +250,7 @@ def test_a_tracer_killed_while_attached_does_not_freeze_the_c_vm(
     lab_manager.get(lab.name)  # any lab command notices the dead owner
     assert not owner.exists()
     assert sh(lab_manager, lab, "echo alive").strip() == "alive"
-    page = subprocess.run(["curl", "-s", "-m", "20", f"http://127.0.0.1:{lab.http_port}/"],
-                          capture_output=True, check=False)
-    assert page.returncode == 0
+    assert get_page(lab, 20, check=False) == 0
 
 
 def test_duty_cycled_tracing_attaches_part_of_the_time(lab: Lab, profile_path: Path,
@@ -268,8 +269,7 @@ def test_duty_cycled_tracing_attaches_part_of_the_time(lab: Lab, profile_path: P
         deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
             seen.add(session.attached)
-            subprocess.run(["curl", "-s", "-m", "20", "-o", "/dev/null",
-                            f"http://127.0.0.1:{lab.http_port}/"], check=False)
+            get_page(lab, 20, check=False)
             time.sleep(0.2)
         assert session.take(set()) == []  # clean traffic, in the windows that saw it
     finally:

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import jsonschema
 import pytest
 
-from tests.conftest import vims
+from tests.conftest import findings_of, vims
 from vims.checks import ALL_CHECKS
 from vims.errors import GuestCommandError, LabError
 from vims.lab import Lab, LabManager, LabSpec
@@ -215,12 +215,6 @@ def attacked(lab_manager: LabManager, xen_lab: Lab,
     return out
 
 
-def hits(report: dict[str, Any], check_id: str) -> list[dict[str, Any]]:
-    status = {c["id"]: c for c in report["checks"]}[check_id]
-    assert status["error"] is None, status["error"]
-    return [f for f in report["findings"] if f["check"] == check_id]
-
-
 # ---------------------------------------------------------------- the lab
 def test_xen_lab_is_up_with_a_pv_and_a_pvh_domain(xen_lab: Lab) -> None:
     proc = labcli(xen_lab, "status", xen_lab.name, "--format", "json")
@@ -293,16 +287,16 @@ def test_clean_domu_passes_every_check_over_the_xen_driver(
 def test_attacks_written_from_dom0_are_found_and_undone(attacked: dict[str, dict[str, Any]],
                                                         domain: str) -> None:
     reports = attacked[domain]
-    syscall = hits(reports["syscall"]["attacked"], "kernel.syscall_table")
+    syscall = findings_of(reports["syscall"]["attacked"], "kernel.syscall_table")
     assert [f["evidence"]["nr"] for f in syscall] == [39]
     assert "getpid" in syscall[0]["evidence"]["expected_symbol"]
-    assert len(hits(reports["text"]["attacked"], "kernel.text")) == 1
-    hidden = hits(reports["hide_sleep"]["attacked"], "process.hidden")
+    assert len(findings_of(reports["text"]["attacked"], "kernel.text")) == 1
+    hidden = findings_of(reports["hide_sleep"]["attacked"], "process.hidden")
     assert len(hidden) == 1
     assert hidden[0]["evidence"]["seen_in"] == "pid_idr"
     assert hidden[0]["evidence"]["pid"] not in {
         p["pid"] for p in reports["hide_sleep"]["attacked"]["processes"]}
-    assert len(hits(reports["root_cred"]["attacked"], "process.creds")) == 1
+    assert len(findings_of(reports["root_cred"]["attacked"], "process.creds")) == 1
     for attack, check_id in ATTACKS.items():
         if attack == "idt" and domain == PV:
             continue
@@ -316,7 +310,7 @@ def test_idt_hook_is_found_on_pvh_and_not_applicable_on_pv(
         attacked: dict[str, dict[str, Any]]) -> None:
     pvh = attacked[PVH]["idt"]["attacked"]
     # #OF's gate aimed at #BR's handler (real entry code, a vector 64-bit code never raises).
-    (hook,) = hits(pvh, "kernel.idt")
+    (hook,) = findings_of(pvh, "kernel.idt")
     assert hook["evidence"]["vector"] == 4
     assert hook["evidence"]["expected_symbol"].startswith("asm_exc_overflow")
     assert hook["evidence"]["found_symbol"].startswith("asm_exc_bounds")
@@ -335,7 +329,7 @@ def test_module_loaded_inside_the_domu_is_found(lab_manager: LabManager, xen_lab
     try:
         rc, report = check(xen_lab, domain, "--checks kernel.modules,kernel.hidden_modules")
         assert rc == 1
-        assert [f["evidence"]["module"] for f in hits(report, "kernel.modules")] == ["dummy"]
+        assert [f["evidence"]["module"] for f in findings_of(report, "kernel.modules")] == ["dummy"]
     finally:
         cvm(lab_manager, xen_lab, domain, "rmmod dummy")
 
@@ -348,9 +342,9 @@ def test_unknown_executable_and_listener_are_found(lab_manager: LabManager, xen_
     try:
         rc, report = check(xen_lab, PV, "--checks process.code,process.allowlist")
         assert rc == 1
-        assert [f["evidence"]["exe"] for f in hits(report, "process.code")] == [
+        assert [f["evidence"]["exe"] for f in findings_of(report, "process.code")] == [
             "/tmp/x/busybox"]
-        assert hits(report, "process.allowlist")
+        assert findings_of(report, "process.allowlist")
     finally:
         cvm(lab_manager, xen_lab, PV, "kill $(ps | grep '[/]tmp/x/busybox' | "
             "awk '{print $1}'); rm -rf /tmp/x; true")

@@ -78,7 +78,8 @@ def _applets(busybox: Path) -> list[str]:
     return [a for a in out.stdout.split() if a and "/" not in a and a != "busybox"]
 
 
-def _pack(root: Path, out: Path) -> None:
+def pack_cpio(root: Path, out: Path) -> None:
+    """Pack ``root`` (which holds bin/busybox) as a gzipped newc cpio at ``out``."""
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     busybox = root / "bin/busybox"
     proc = subprocess.run(
@@ -105,5 +106,5 @@ def ensure_initramfs(kernel: GuestKernel) -> Path:
         prefix="vims-initramfs-"
     ) as tmp:
         _stage(Path(tmp), kernel, busybox)
-        _pack(Path(tmp), out)
+        pack_cpio(Path(tmp), out)
     return out

@@ -33,6 +33,7 @@ from vims.lab.kernel import GuestKernel, ensure_kernel
 from vims.lab.qmp import qmp_command
 from vims.net import free_port
 from vims.paths import run_dir, shm_dir
+from vims.trace.gdbstub import owner_file, release
 
 READY_MARK = "VIMS-LAB-READY"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -124,13 +125,13 @@ def _pid_alive(pid: int, name: str) -> bool:
     return f"vims-lab-{name}".encode() in cmdline and b"qemu" in cmdline.split(b"\0")[0]
 
 
-def _orphaned(owner_file: Path) -> bool:
-    """``owner_file`` names a process that no longer exists."""
+def _orphaned(owner: Path) -> bool:
+    """The file ``owner`` names a process that no longer exists."""
     try:
-        owner = int(owner_file.read_text())
+        pid = int(owner.read_text())
     except (OSError, ValueError):
         return False
-    return not Path(f"/proc/{owner}").exists()
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _port_free(port: int) -> bool:
@@ -229,27 +230,18 @@ class LabManager:
             lab.state = "paused" if status.get("status") == "paused" else str(status.get("status"))
         except LabError:
             lab.state = "unresponsive"
-        if lab.state == "paused" and self._orphaned_pause(lab):
+        # No owner file: paused by an operator (vims lab pause), left alone.
+        if lab.state == "paused" and _orphaned(lab.dir / PAUSE_OWNER):
             # An A-VM died inside its consistent read: do not leave the C-VM frozen.
             qmp_command(Path(lab.qmp_socket), "cont")
             (lab.dir / PAUSE_OWNER).unlink(missing_ok=True)
             ui.note(f"lab '{name}': resumed; the process that paused it (an A-VM) is gone")
             lab.state = "running"
-        if lab.gdb_socket and _orphaned(Path(lab.gdb_socket + ".owner")):
+        if lab.gdb_socket and _orphaned(owner_file(Path(lab.gdb_socket))):
             # A tracer died attached: its breakpoints would freeze the C-VM at the next hit.
-            from vims.trace.gdbstub import release
-
             release(Path(lab.gdb_socket))
             ui.note(f"lab '{name}': removed the breakpoints of a tracer that is gone")
         return lab
-
-    @staticmethod
-    def _orphaned_pause(lab: Lab) -> bool:
-        try:
-            owner = int((lab.dir / PAUSE_OWNER).read_text())
-        except (OSError, ValueError):
-            return False  # paused by an operator (vims lab pause): leave it
-        return not Path(f"/proc/{owner}").exists()
 
     def list(self) -> list[Lab]:
         self.reap()

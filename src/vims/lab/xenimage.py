@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vims import ui
 from vims.errors import LabError
-from vims.lab.initramfs import find_static_busybox
+from vims.lab.initramfs import find_static_busybox, pack_cpio
 from vims.lab.kernel import GuestKernel
 from vims.paths import cache_dir
 
@@ -213,16 +213,7 @@ def _build_initrd(rootfs: Path, release: str, out: Path) -> None:
         (root / "modules.order").write_text("\n".join(names) + "\n")
         (root / "init").write_text(_INITRD_INIT)
         (root / "init").chmod(0o755)
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-        proc = subprocess.run([str(busybox), "cpio", "-o", "-H", "newc"], cwd=root,
-                              input=("\n".join(files) + "\n").encode(), capture_output=True,
-                              check=False)
-        if proc.returncode != 0:
-            raise LabError(f"cpio (dom0 initrd) failed: {proc.stderr.decode(errors='replace')}")
-        part = out.with_suffix(".partial")
-        with gzip.open(part, "wb", compresslevel=6) as f:
-            f.write(proc.stdout)
-        part.replace(out)
+        pack_cpio(root, out)
 
 
 def _chroot(rootfs: Path, cmd: list[str], what: str, timeout: float = 600) -> str:

@@ -291,10 +291,6 @@ class Gdbstub:
                                                "little")
         return out
 
-    def read_register(self, name: str) -> int:
-        reg = self._reg(name)
-        return int.from_bytes(bytes.fromhex(self.request(f"p{reg.number:x}").decode()), "little")
-
     def write_register(self, name: str, value: int) -> None:
         reg = self._reg(name)
         data = (value & ((1 << reg.bits) - 1)).to_bytes(reg.bits // 8, "little").hex()

@@ -190,7 +190,7 @@ class SyscallTracer:
 
     def __init__(self, mem: GuestMemory, gdb: Path, apps: dict[str, Any],
                  on_event: Callable[[SyscallEvent], None], *, gate: bool = True,
-                 follow_children: bool = True, syscalls: set[str] | None = None,
+                 follow_children: bool = True,
                  tracked: OrderedDict[tuple[int, int], str] | None = None) -> None:
         self.mem = mem
         self.gdb_path = gdb
@@ -198,7 +198,6 @@ class SyscallTracer:
         self.on_event = on_event
         self.gate = gate
         self.follow_children = follow_children
-        self.syscalls = syscalls
         self.stats = TraceStats()
         self.error: str | None = None
         # (tgid, leader) -> application: survives re-attaching when the caller keeps it,
@@ -424,8 +423,6 @@ class SyscallTracer:
             return
         nr = regs["rsi"] & 0xFFFFFFFF
         name = lay.names[nr] if nr < len(lay.names) else f"nr{nr}"
-        if self.syscalls is not None and name not in self.syscalls:
-            return
         try:
             raw = mem.read(regs["rdi"], lay.pt_regs_size)  # ends where the kernel stack does
         except MemoryReadError as exc:
