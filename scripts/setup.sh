@@ -16,7 +16,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 2; }
 DEBIAN_PACKAGES=(
   qemu-system-x86 busybox-static swtpm swtpm-tools tpm2-tools libtss2-dev
   pkg-config xz-utils zstd cpio gcc make ca-certificates nginx
-  postgresql httperf
+  postgresql httperf curl
   # Molecule (podman with runc, name resolution between containers; the image is
   # debootstrapped) and the xl config syntax check of the xen_host role (libxlutil).
   podman runc debootstrap golang-github-containernetworking-plugin-dnsname libxenmisc4.17
