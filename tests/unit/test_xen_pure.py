@@ -165,3 +165,65 @@ def test_xen_console_tail_keeps_where_a_domain_died(tmp_path: Path) -> None:
     # Nothing after boot: nothing to say (the boot banner is not news).
     log.write_bytes(b"(XEN) Dom0 has maximum 2 VCPUs\n(XEN) Freed 656kB init memory\n")
     assert xen_console_tail(lab) == []
+
+
+class _Unanswered(Exception):
+    pass
+
+
+class _MonitorRing:
+    """LibVMI's Xen event ring as far as detaching goes (driver/xen/xen_events.c):
+    ``listen`` consumes every queued request; one whose register handler is gone is
+    consumed but never answered, and its vCPU waits for good."""
+
+    def __init__(self, queued: int, pause_fails: bool = False) -> None:
+        self.queued, self.pause_fails = queued, pause_fails
+        self.handler, self.paused, self.answered, self.lost = True, False, 0, 0
+        self.calls: list[str] = []
+
+    def pause_vm(self) -> None:
+        self.calls.append("pause")
+        if self.pause_fails:
+            raise _Unanswered("pause failed")
+        self.paused = True
+
+    def resume_vm(self) -> None:
+        self.calls.append("resume")
+        self.paused = False
+
+    def clear_event(self, _event: object) -> None:
+        self.calls.append("clear")
+        self.handler = False
+
+    def are_events_pending(self) -> int:
+        return self.queued
+
+    def listen(self, _timeout: int) -> None:
+        self.calls.append("listen")
+        if self.handler:
+            self.answered += self.queued
+        else:
+            self.lost += self.queued
+        self.queued = 0
+        if self.lost:
+            raise _Unanswered("Unhandled register event caught")
+
+
+def test_detach_answers_queued_cr3_writes_before_clearing_the_event() -> None:
+    from vims.vmi.events import _detach
+
+    ring = _MonitorRing(queued=1)  # a CR3 write trapped after the last listen()
+    _detach(ring, object(), _Unanswered)
+    assert (ring.answered, ring.lost) == (1, 0)
+    assert (ring.calls[0], ring.calls[-1]) == ("pause", "resume")
+    assert ring.calls.index("listen") < ring.calls.index("clear")
+    assert not ring.paused
+
+
+def test_detach_leaves_a_domain_it_cannot_pause_to_libvmi_destroy() -> None:
+    from vims.vmi.events import _detach
+
+    ring = _MonitorRing(queued=1, pause_fails=True)
+    _detach(ring, object(), _Unanswered)
+    assert ring.calls == ["pause"]  # nothing cleared with requests still queued
+    assert (ring.handler, ring.lost) == (True, 0)

@@ -57,31 +57,38 @@ class Cr3Stats:
 MAX_DRAIN_ROUNDS = 1000
 
 
+def _drain(vmi: Any) -> None:
+    """Answer every request on the ring (bounded); a failure means an unanswered vCPU."""
+    for _ in range(MAX_DRAIN_ROUNDS):
+        if vmi.are_events_pending() <= 0:
+            return
+        vmi.listen(0)
+
+
 def _detach(vmi: Any, event: Any, libvmi_error: type[Exception]) -> None:
     """Stop monitoring without leaving a vCPU behind.
 
-    A vCPU that trapped on a CR3 write waits (a vm_event pause, not a domain
-    pause: ``xl list`` shows neither ``p`` nor ``b``) until the monitor answers.
-    Clearing the event while the domain runs lets a write trap between the last
-    ``listen`` and the clear; its request is never answered, and once the ring
-    is gone the domU hangs at that write for good (seen: a PVH domU stuck in
-    ``load_new_mm_cr3``, its console silent). So, as LibVMI's own examples do:
-    pause, clear, answer every pending request, resume.
+    A vCPU that trapped on a CR3 write stays paused (Xen's ``vm_event_pause_count``;
+    ``xl list`` shows neither ``p`` nor ``b``) until the monitor answers, and
+    tearing the ring down does not release it. So: pause the domain (no new
+    requests), answer what is queued *while the handler is still registered*, and
+    only then clear the event. Clearing first was the old order, and the cause of
+    a PVH domU hung for good in ``load_new_mm_cr3``: LibVMI consumes a request
+    whose register handler is gone, fails it, and never posts the response
+    (LibVMI's process_register; libvmi#899 and #573 say the same).
+    If the domain cannot be paused, ``vmi.destroy()`` still pauses, drains and
+    disables in this order itself.
     """
-    paused = False
-    with contextlib.suppress(libvmi_error):
+    try:
         vmi.pause_vm()
-        paused = True
-    with contextlib.suppress(libvmi_error):
+    except libvmi_error:
+        return
+    try:
+        _drain(vmi)
         vmi.clear_event(event)
-    for _ in range(MAX_DRAIN_ROUNDS):
-        if vmi.are_events_pending() <= 0:
-            break
-        with contextlib.suppress(libvmi_error):
-            vmi.listen(0)
-    if paused:
-        with contextlib.suppress(libvmi_error):
-            vmi.resume_vm()
+        _drain(vmi)
+    finally:
+        vmi.resume_vm()
 
 
 def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
@@ -124,7 +131,11 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
                 vmi.listen(min(500, max(1, int((seconds - (time.monotonic() - start)) * 1000))))
         finally:
             stats.seconds = time.monotonic() - start
-            _detach(vmi, event, LibvmiError)
+            try:
+                _detach(vmi, event, LibvmiError)
+            except LibvmiError as exc:
+                raise EventError(f"detaching the CR3 monitor from {domain} failed ({exc}): "
+                                 "a vCPU may still wait for an answer") from exc
     finally:
         with contextlib.suppress(Exception), _stdout_to_stderr():
             vmi.destroy()
