@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,16 @@ def test_parse_waits_for_the_whole_frame_and_splits_streams() -> None:
 def test_choose_accel_tcg_is_always_available() -> None:
     assert choose_accel("tcg") == "tcg"
     assert choose_accel("auto") in {"tcg", "kvm"}
+
+
+def test_reap_keeps_a_live_up_and_cleans_a_killed_one(tmp_path: Path) -> None:
+    manager = LabManager(root=tmp_path, ram_dir=tmp_path)
+    live, dead = manager.root / "live", manager.root / "dead"
+    live.mkdir()
+    (live / "starting").write_text(f"{os.getpid()}\n")  # this process: an `up` running
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead.mkdir()
+    (dead / "starting").write_text(f"{gone.pid}\n")  # its `up` was killed mid-boot
+    assert manager.reap() == ["dead"]
+    assert live.exists() and not dead.exists()

@@ -156,6 +156,24 @@ def choose_accel(wanted: str) -> str:
     return "kvm" if usable else "tcg"
 
 
+def _up_in_progress(ldir: Path) -> bool:
+    """Whether the ``vims lab up`` that made ``ldir`` is still running (its pid is in
+    ``starting``); one killed mid-boot leaves the directory to be reaped."""
+    try:
+        pid = int((ldir / "starting").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class LabManager:
     """Creates and controls lab C-VMs on this host."""
 
@@ -202,8 +220,12 @@ class LabManager:
                 lab = self._load(name)
                 if lab is not None and _pid_alive(lab.pid, name):
                     continue
-                if lab is None and (self._dir(name) / "starting").exists():
-                    continue  # an `up` in progress
+                if lab is None and _up_in_progress(self._dir(name)):
+                    continue
+                pid_file = self._dir(name) / "qemu.pid"
+                if lab is None and pid_file.exists():  # an `up` killed before it finished
+                    with contextlib.suppress(ValueError, OSError):
+                        self._kill(int(pid_file.read_text()), name)
                 self._cleanup(name, lab)
                 reaped.append(name)
         for name in reaped:
@@ -272,7 +294,7 @@ class LabManager:
             if ldir.exists():
                 raise LabError(f"lab '{spec.name}' is already running (vims lab down {spec.name})")
             ldir.mkdir(parents=True)
-            (ldir / "starting").touch()
+            (ldir / "starting").write_text(f"{os.getpid()}\n")
         try:
             lab = self._boot(spec, ldir)
         except BaseException:
