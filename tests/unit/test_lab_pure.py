@@ -71,4 +71,5 @@ def test_reap_keeps_a_live_up_and_cleans_a_killed_one(tmp_path: Path) -> None:
     dead.mkdir()
     (dead / "starting").write_text(f"{gone.pid}\n")  # its `up` was killed mid-boot
     assert manager.reap() == ["dead"]
-    assert live.exists() and not dead.exists()
+    assert live.exists()
+    assert not dead.exists()
