@@ -51,7 +51,19 @@ options:
   memory:
     description:
       - RAM file of the clean, running C-VM (read while it is paused, when it is a lab C-VM).
+      - Mutually exclusive with O(domain).
     type: path
+  domain:
+    description:
+      - The clean, running C-VM as a live domain, read (paused) through LibVMI's O(mode) driver.
+      - Mutually exclusive with O(memory).
+    type: str
+  mode:
+    description:
+      - LibVMI driver for O(domain).
+    type: str
+    choices: [xen, kvm]
+    default: xen
 notes:
   - Take the baseline from a C-VM known to be clean, right after a fresh boot.
 seealso:
@@ -66,6 +78,15 @@ EXAMPLES = r"""
     initramfs: /var/lib/vims/cvm1/initramfs.cpio.gz
     memory: /dev/shm/vims-cvm1.ram
     dest: /var/lib/vims/cvm1/baseline.json
+  vars:
+    ansible_python_interpreter: /opt/vims/venv/bin/python
+
+- name: Baseline of a Xen C-VM domain, read from dom0 through LibVMI's Xen driver
+  vims.attestation.baseline:
+    profile: /var/lib/vims/cvm2/profile.json
+    initramfs: /var/lib/vims/cvm2/initrd.img
+    domain: cvm2
+    dest: /var/lib/vims/cvm2/baseline.json
   vars:
     ansible_python_interpreter: /opt/vims/venv/bin/python
 """
@@ -110,8 +131,9 @@ def build(params):
     profile = Profile.load(Path(params["profile"]))
     data = new_baseline(profile)
     data["executables"] = load_image_files(path("initramfs"), path("rootfs"))
-    if params["memory"]:
-        with open_memory(profile, path("memory"), None) as mem, mem.paused():
+    if params["memory"] or params["domain"]:
+        with open_memory(profile, path("memory"), params["domain"], params["mode"]) as mem, \
+                mem.paused():
             data.update(clean_guest_state(mem))
     # Byte for byte what vims.baseline.save writes, so hashes compare across both.
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
@@ -126,9 +148,11 @@ def main() -> None:
             initramfs=dict(type="path"),
             rootfs=dict(type="path"),
             memory=dict(type="path"),
+            domain=dict(type="str"),
+            mode=dict(type="str", choices=["xen", "kvm"], default="xen"),
         ),
-        mutually_exclusive=[("initramfs", "rootfs")],
-        required_one_of=[("initramfs", "rootfs", "memory")],
+        mutually_exclusive=[("initramfs", "rootfs"), ("memory", "domain")],
+        required_one_of=[("initramfs", "rootfs", "memory", "domain")],
         supports_check_mode=True,
     )
     require_vims(module)
