@@ -35,22 +35,30 @@ from vims.lab.initramfs import find_static_busybox, pack_cpio
 from vims.lab.kernel import GuestKernel
 from vims.paths import cache_dir
 
-RECIPE = "vims-dom0-v1"
+RECIPE = "vims-dom0-v2"
 MIRROR = os.environ.get("VIMS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"
 HYPERVISOR_PACKAGE = "xen-hypervisor-4.17-amd64"
 DOM0_PACKAGES = (
     "xen-utils-4.17", "xenstore-utils", "python3", "python3-venv", "kmod", "iproute2",
     "busybox-static", "libglib2.0-0", "openssh-server", "socat", "procps",
+    # What the collection's xen_host role installs on a real dom0, present here so that
+    # its Molecule scenario converges the role for real without a mirror inside nested
+    # TCG (apt there works but took minutes and once failed to unpack): the hypervisor
+    # package, tboot, update-grub, the apt module's python3-apt, xen-tools and swtpm.
+    "xen-system-amd64", "xen-tools", "tboot", "grub2-common", "python3-apt",
+    "swtpm", "swtpm-tools",
+    # The TPM software stack that tpm2-pytss links (the A-VM agent quotes in dom0).
+    "libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1",
+    "libtss2-tctildr0", "libtss2-tcti-swtpm0", "libtss2-tcti-device0",
 )
-# What `vims check` needs in dom0: the runtime's dependencies without the TPM
-# stack (tpm2-pytss builds against libtss2; checks never import it) and without
-# the test and lint tools of requirements/runtime.txt.
+# What the A-VM needs in dom0: the runtime's dependencies without the test and
+# lint tools of requirements/runtime.txt.
 _NOT_IN_DOM0 = {
-    "tpm2-pytss", "hypothesis", "pytest", "pytest-timeout", "mypy", "mypy_extensions", "ruff",
+    "hypothesis", "pytest", "pytest-timeout", "mypy", "mypy_extensions", "ruff",
     "volatility3", "pefile", "jsonschema", "jsonschema-specifications", "referencing",
-    "rpds-py", "librt", "ast_serialize", "iniconfig", "pluggy", "pathspec", "httpx",
-    "httpcore", "sortedcontainers", "opentelemetry-api",
+    "rpds-py", "librt", "ast_serialize", "iniconfig", "pluggy", "pathspec",
+    "sortedcontainers", "opentelemetry-api",
 }
 # Modules the dom0 initrd loads to reach its root disk, in dependency order.
 # ext4 asks the crypto API for crc32c at mount time: not in modules.dep.
@@ -143,9 +151,23 @@ def ensure_hypervisor(root: Path) -> Path:
     return out
 
 
+# Published as a source distribution only: built on the host (same Debian, same
+# libtss2 ABI as dom0's packages) by a Python 3.11 like dom0's.
+BUILT_ON_HOST = ("tpm2-pytss",)
+
+
 def fetch_wheels(reqs: list[str], dest: Path) -> None:
-    """cp311 manylinux wheels for dom0's Python (Debian's 3.11), downloaded on the host."""
+    """cp311 wheels for dom0's Python (Debian's 3.11): manylinux ones downloaded on
+    the host, the few without one built here."""
     dest.mkdir(parents=True, exist_ok=True)
+    build = [r for r in reqs if r.split("==", 1)[0] in BUILT_ON_HOST]
+    reqs = [r for r in reqs if r not in build]
+    if build:
+        if sys.version_info[:2] != (3, 11):
+            raise LabError(f"building {', '.join(build)} for dom0's Python 3.11 needs the "
+                           f"host runtime on 3.11, not {sys.version.split()[0]}")
+        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest),
+              *build], "pip wheel (dom0's tpm2-pytss)", timeout=900)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
            "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
            "--platform", "manylinux_2_36_x86_64", "--platform", "manylinux_2_28_x86_64",
@@ -232,6 +254,12 @@ def _populate(rootfs: Path, kernel: GuestKernel, wheels: Path, reqs: list[str],
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(src, dst, symlinks=True)
         _chroot(rootfs, ["depmod", "-a", kernel.release], "depmod")
+    # The kernel and its config in /boot, as on an installed dom0: update-grub's
+    # 20_linux_xen makes Xen entries only for kernels whose config has XEN_DOM0=y.
+    boot = rootfs / "boot"
+    (boot / "grub").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(kernel.vmlinuz, boot / f"vmlinuz-{kernel.release}")
+    shutil.copy2(kernel.config, boot / f"config-{kernel.release}")
     # LibVMI dlopen()s the unversioned names (libxen-dev would pull in a compiler).
     libdir = rootfs / "usr/lib/x86_64-linux-gnu"
     for lib, real in (("libxenctrl.so", "libxenctrl.so.4.17"),
@@ -289,6 +317,7 @@ def ensure_xen_images(kernel: GuestKernel) -> XenImages:
         with ui.step("dom0 image: wheels for dom0's Python 3.11"):
             fetch_wheels(reqs, root / "wheels")
         with ui.step(f"dom0 image: debootstrap {SUITE} (minbase + Xen 4.17 tools)"):
+            (root / "debs").mkdir(exist_ok=True)  # debootstrap will not create its cache
             _run(["debootstrap", "--variant=minbase", f"--cache-dir={root / 'debs'}",
                   "--include=" + ",".join(DOM0_PACKAGES), SUITE, str(rootfs), MIRROR],
                  "debootstrap", timeout=1200)
