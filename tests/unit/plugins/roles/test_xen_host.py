@@ -54,7 +54,13 @@ def test_templates_render_to_configs_xl_accepts(tmp_path: Path) -> None:
     grub = (tmp_path / "grub-xen.cfg").read_text()
     assert ('GRUB_CMDLINE_XEN_DEFAULT="dom0_mem=2048M,max:2048M dom0_max_vcpus=2 smap=0"'
             in grub)
-    assert "XEN_OVERRIDE_GRUB_DEFAULT=1" in grub
+    # Sourced as grub-mkconfig sources it, after /etc/default/grub: Xen is the default
+    # entry, by the title 20_linux_xen gives it.
+    default = subprocess.run(
+        ["sh", "-c", 'GRUB_DISTRIBUTOR=Debian; . "$1"; printf %s "$GRUB_DEFAULT"', "sh",
+         str(tmp_path / "grub-xen.cfg")],
+        capture_output=True, text=True, timeout=10, check=True).stdout
+    assert default == "Debian GNU/Linux, with Xen hypervisor"
     assert 'GRUB_TBOOT_POLICY_DATA="tboot-vims.pol"' in (tmp_path / "grub-tboot").read_text()
 
 
