@@ -22,6 +22,7 @@ author:
 extends_documentation_fragment:
   - vims.attestation.attributes
   - vims.attestation.attributes.RUNTIME
+  - vims.attestation.libvmi
 attributes:
   check_mode:
     support: full
@@ -58,12 +59,6 @@ options:
       - The clean, running C-VM as a live domain, read (paused) through LibVMI's O(mode) driver.
       - Mutually exclusive with O(memory).
     type: str
-  mode:
-    description:
-      - LibVMI driver for O(domain).
-    type: str
-    choices: [xen, kvm]
-    default: xen
 notes:
   - Take the baseline from a C-VM known to be clean, right after a fresh boot.
 seealso:

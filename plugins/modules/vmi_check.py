@@ -21,6 +21,7 @@ extends_documentation_fragment:
   - vims.attestation.attributes
   - vims.attestation.attributes.READ_ONLY
   - vims.attestation.attributes.RUNTIME
+  - vims.attestation.libvmi
 options:
   memory:
     description:
@@ -31,12 +32,6 @@ options:
     description:
       - A live domain's name, read through LibVMI's O(mode) driver.
     type: str
-  mode:
-    description:
-      - LibVMI driver for O(domain).
-    type: str
-    choices: [xen, kvm]
-    default: xen
   profile:
     description:
       - The OS profile of the kernel the C-VM runs (P(vims.attestation.profile#module)).
