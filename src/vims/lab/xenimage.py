@@ -167,7 +167,7 @@ def fetch_wheels(reqs: list[str], dest: Path) -> None:
             raise LabError(f"building {', '.join(build)} for dom0's Python 3.11 needs the "
                            f"host runtime on 3.11, not {sys.version.split()[0]}")
         _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest),
-              *build], "pip wheel (dom0's tpm2-pytss)", timeout=900)
+              *build], f"pip wheel ({', '.join(build)} for dom0)", timeout=900)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
            "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
            "--platform", "manylinux_2_36_x86_64", "--platform", "manylinux_2_28_x86_64",
@@ -316,12 +316,13 @@ def ensure_xen_images(kernel: GuestKernel) -> XenImages:
         rootfs = Path(tmp, "rootfs")
         with ui.step("dom0 image: wheels for dom0's Python 3.11"):
             fetch_wheels(reqs, root / "wheels")
+        debs = root / "debs"
         with ui.step(f"dom0 image: debootstrap {SUITE} (minbase + Xen 4.17 tools)"):
-            (root / "debs").mkdir(exist_ok=True)  # debootstrap will not create its cache
-            _run(["debootstrap", "--variant=minbase", f"--cache-dir={root / 'debs'}",
+            debs.mkdir(exist_ok=True)  # debootstrap will not create its cache
+            _run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}",
                   "--include=" + ",".join(DOM0_PACKAGES), SUITE, str(rootfs), MIRROR],
                  "debootstrap", timeout=1200)
-        _populate(rootfs, kernel, root / "wheels", reqs, root / "debs")
+        _populate(rootfs, kernel, root / "wheels", reqs, debs)
         with ui.step("dom0 image: initrd and ext4 file system"):
             _build_initrd(rootfs, kernel.release, initrd)
             size = (_dir_size(rootfs) + IMAGE_SLACK + (1 << 20) - 1) & ~((1 << 20) - 1)
