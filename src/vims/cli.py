@@ -7,7 +7,9 @@ errors; ``--format json`` wherever a command reports.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import click
 
@@ -51,7 +53,26 @@ def cli() -> None:
     """VIMS: attest the semantic integrity of virtual machines by introspection."""
 
 
+# Signals (a timeout, Ansible or Molecule giving up, a hang-up) that end a command the
+# way Ctrl-C does, so that its cleanup runs: a domain `vims check --domain` paused is
+# resumed, an event monitor detaches from its vCPUs, a tracer removes its breakpoints,
+# a half-booted lab is torn down. Killed outright (the default), each would leave a
+# C-VM paused, hung or unattachable, or QEMU behind.
+UNWIND = (signal.SIGTERM, signal.SIGHUP)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in UNWIND}
+    try:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="vims", standalone_mode=False)
     except VimsError as exc:

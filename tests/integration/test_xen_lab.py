@@ -377,6 +377,41 @@ def test_cr3_events_on_pvh_and_a_clear_error_on_pv(lab_manager: LabManager,
     assert "HVM/PVH domains only" in proc.stderr
 
 
+def test_a_cr3_monitor_ended_by_sigterm_detaches_and_the_next_one_attaches(
+        lab_manager: LabManager, xen_lab: Lab) -> None:
+    """What `timeout`, Ansible or CI do to a command that runs too long.
+
+    Killed outright, a monitor leaves its ring attached, so the next attach fails
+    (EBUSY, until the domain is recreated), and a CR3 write it had not answered
+    keeps the domU's vCPU waiting for good: both seen here before the fix.
+    """
+    cvm(lab_manager, xen_lab, PVH,
+        "(end=$(($(date +%s) + 240)); while [ $(date +%s) -lt $end ]; do ls / >/dev/null; "
+        "sleep 0.05; done) >/dev/null 2>&1 & echo $! > /tmp/loop.pid")
+    try:
+        # Bounded waits throughout: Python and LibVMI take 25-35 s to start in dom0.
+        dom0_ok(xen_lab, f"vims events cr3 --domain {PVH} --seconds 300 --format json "
+                         ">/tmp/ev.out 2>/tmp/ev.err & p=$!; for i in $(seq 120); do "
+                         "grep -q monitoring /tmp/ev.err && break; sleep 1; done; sleep 3; "
+                         "kill -TERM $p; wait $p; echo $? > /tmp/ev.rc", timeout=240)
+        rc = dom0_ok(xen_lab, "cat /tmp/ev.rc").strip()
+        err = dom0_ok(xen_lab, "cat /tmp/ev.err")
+        first = json.loads(dom0_ok(xen_lab, "cat /tmp/ev.out"))
+        again = dom0(xen_lab, f"vims events cr3 --domain {PVH} --seconds 3 --format json")
+    finally:
+        out = cvm(lab_manager, xen_lab, PVH, "kill $(cat /tmp/loop.pid) && echo killed",
+                  timeout=60)
+    assert out.strip() == "killed"  # the domU runs: no vCPU left waiting on the monitor
+    assert rc == "2", err
+    assert "interrupted by SIGTERM" in err
+    assert "detached" in err
+    assert first["interrupted"] == "SIGTERM"
+    assert first["seconds"] < 120
+    assert first["events"] > 0
+    assert again.returncode == 0, again.stderr[-800:]  # the ring was released
+    assert json.loads(again.stdout)["events"] > 0
+
+
 # ------------------------------------------------------------- bad input
 def test_bad_xen_arguments_are_one_line_errors(xen_lab: Lab) -> None:
     proc = vims("lab", "up", "--name", "xenbad", "--hypervisor", "xen", "--domu-type", "hvm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from vims.lab.xen import (
 )
 from vims.lab.xenimage import dom0_requirements
 from vims.rems.verdict import TIERS, VerdictPolicy, appraise
+from vims.vmi.events import Stop
 
 
 def test_domu_types_accepts_lists_and_rejects_hvm() -> None:
@@ -227,3 +229,76 @@ def test_detach_leaves_a_domain_it_cannot_pause_to_libvmi_destroy() -> None:
     _detach(ring, object(), _Unanswered)
     assert ring.calls == ["pause"]  # nothing cleared with requests still queued
     assert (ring.handler, ring.lost) == (True, 0)
+
+
+class _Listening:
+    """A ring that delivers nothing; on its ``ask_stop_at``-th wait, a signal arrives."""
+
+    def __init__(self, ask_stop_at: int, stop: Stop) -> None:
+        self.ask_stop_at, self.stop, self.waits = ask_stop_at, stop, 0
+
+    def listen(self, timeout_ms: int) -> None:
+        assert 1 <= timeout_ms <= 500  # every wait is bounded, so a stop is seen in time
+        self.waits += 1
+        if self.waits == self.ask_stop_at:
+            self.stop.set("SIGTERM")
+
+
+def test_listen_loop_ends_at_a_stop_request_not_at_the_window() -> None:
+    from vims.vmi.events import listen_until
+
+    stop = Stop()
+    ring = _Listening(ask_stop_at=3, stop=stop)
+    listened = listen_until(ring, 3600.0, stop)
+    assert ring.waits == 3
+    assert listened < 60
+    assert stop.signal == "SIGTERM"
+
+
+def _child(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter: a regression here would kill the process."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_sigterm_while_monitoring_is_a_stop_request_and_the_handler_comes_back() -> None:
+    proc = _child("""
+import os, signal
+from vims.vmi.events import stop_on_signals
+before = signal.getsignal(signal.SIGTERM)
+with stop_on_signals() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.flag.wait(5)
+    print(stop.signal)
+assert signal.getsignal(signal.SIGTERM) is before
+print("restored")
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["SIGTERM", "restored"]
+
+
+def test_vims_unwinds_on_sigterm_like_ctrl_c_so_cleanup_runs() -> None:
+    """A command ended by a timeout must still resume what it paused (its ``finally``)."""
+    proc = _child("""
+import os, signal, sys, time, click
+from vims import cli
+
+@click.command()
+def term_self():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+        print("not interrupted")
+    finally:
+        print("cleanup ran")
+
+module = type(sys)("vims_test_term")
+module.cmd = term_self
+sys.modules["vims_test_term"] = module
+cli.COMMANDS["term-self"] = "vims_test_term:cmd"
+before = signal.getsignal(signal.SIGTERM)
+rc = cli.main(["term-self"])
+print("rc", rc, "restored", signal.getsignal(signal.SIGTERM) is before)
+""")
+    assert proc.stdout.splitlines() == ["cleanup ran", "rc 2 restored True"], proc.stderr
+    assert "vims: error: interrupted" in proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -94,9 +93,6 @@ def up(name: str, memory: str | None, no_kaslr: bool, http_port: int | None, chu
                    accel=accel, churn=churn,
                    boot_timeout=timeout or (600.0 if xen else 180.0),
                    hypervisor=hypervisor, cvms=cvms, domu_type=domu_type)
-    # A SIGTERM (a CI timeout, Molecule giving up) unwinds like Ctrl-C: the half-booted
-    # lab is torn down instead of leaving QEMU and its directory behind.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     booted = LabManager().up(spec)
     _print(booted.to_public(), fmt, _describe(booted) + f"\nready in   {booted.ready_seconds} s")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from vims.ui import step
+from vims.errors import VimsError
+from vims.ui import note, step
 from vims.vmi.isf import write_isf
 from vims.vmi.profile import Profile, analyze_kernel
 
@@ -90,10 +91,15 @@ def cr3(domain: str, seconds: float, mode: str, fmt: str) -> None:
     """Count the domain's CR3 writes (address-space switches) for a while."""
     from vims.vmi.events import measure_cr3
 
-    stats = measure_cr3(domain, seconds, mode).public()
+    stats = measure_cr3(domain, seconds, mode, on_attached=lambda: note(
+        f"monitoring {domain}'s CR3 writes for {seconds:g} s")).public()
     if fmt == "json":
         click.echo(json.dumps(stats, indent=2))
     else:
         click.echo(f"{domain}: {stats['events']} CR3 writes in {stats['seconds']} s "
                    f"({stats['events_per_second']}/s), {stats['distinct_roots']} distinct "
                    f"page-table roots, handler {stats['handler_us_per_event']} us/event")
+    if stats["interrupted"]:
+        # The counts so far are printed; the status still says the window was cut short.
+        raise VimsError(f"interrupted by {stats['interrupted']} after {stats['seconds']} s; "
+                        f"the monitor detached and {domain} runs on")

@@ -14,8 +14,11 @@ no XSM policy to grant it to another domain).
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,7 @@ class Cr3Stats:
     events: int = 0
     callback_seconds: float = 0.0  # time spent in our handler, all events together
     roots: Counter[int] = field(default_factory=Counter)
+    interrupted: str | None = None  # the signal that ended the window early
 
     @property
     def events_per_second(self) -> float:
@@ -51,6 +55,7 @@ class Cr3Stats:
             "handler_us_per_event": round(self.callback_seconds / self.events * 1e6, 1)
             if self.events else None,
             "top_roots": [{"cr3": f"0x{cr3:x}", "writes": n} for cr3, n in top],
+            "interrupted": self.interrupted,
         }
 
 
@@ -91,8 +96,65 @@ def _detach(vmi: Any, event: Any, libvmi_error: type[Exception]) -> None:
         vmi.resume_vm()
 
 
-def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
-    """Count CR3 writes of ``domain`` for ``seconds`` (bounded) through a LibVMI register event."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class Stop:
+    """A request to end a listen loop early, and the signal that made it."""
+
+    flag: threading.Event = field(default_factory=threading.Event)
+    signal: str | None = None
+
+    def set(self, why: str) -> None:
+        self.signal = why
+        self.flag.set()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Stop]:
+    """While monitoring, SIGINT/SIGTERM/SIGHUP only ask the listen loop to end.
+
+    Raising from the signal handler (Python's Ctrl-C) would most often land inside a
+    LibVMI callback, where cffi prints and swallows it, and the monitor would run on;
+    killed outright, it would leave its ring attached and a vCPU waiting on it. So the
+    loop sees a flag, and the monitor detaches as at the end of its window; the
+    signals stay caught until it has, so a second one cannot cut that short.
+    """
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals reach the main thread only: the caller stops us itself
+        return
+
+    def ask(signum: int, _frame: object) -> None:
+        stop.set(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, ask) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def listen_until(vmi: Any, seconds: float, stop: Stop) -> float:
+    """Deliver events for ``seconds`` or until ``stop``; the time actually listened."""
+    start = time.monotonic()
+    while not stop.flag.is_set():
+        left = seconds - (time.monotonic() - start)
+        if left <= 0:
+            break
+        vmi.listen(min(500, max(1, int(left * 1000))))
+    return time.monotonic() - start
+
+
+def measure_cr3(domain: str, seconds: float, mode: str = "xen",
+                on_attached: Callable[[], None] | None = None) -> Cr3Stats:
+    """Count CR3 writes of ``domain`` for ``seconds`` (bounded) through a LibVMI register event.
+
+    A SIGINT/SIGTERM/SIGHUP ends the window early (``interrupted`` names it), after
+    which the monitor detaches as usual. ``on_attached`` runs once events flow.
+    """
     if not 0 < seconds <= MAX_SECONDS:
         raise EventError(f"seconds {seconds} out of range (0-{MAX_SECONDS:.0f})")
     from libvmi import INIT_DOMAINNAME, INIT_EVENTS, Libvmi, LibvmiError, VMIMode, X86Reg
@@ -101,13 +163,6 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
     from vims.vmi.memory import _stdout_to_stderr
 
     vmi_mode = {"xen": VMIMode.XEN, "kvm": VMIMode.KVM}[mode]
-    try:
-        with _stdout_to_stderr():
-            # partial: no OS look-ups; raw CR3 values need no profile.
-            vmi = Libvmi(domain, INIT_DOMAINNAME | INIT_EVENTS, mode=vmi_mode, partial=True)
-    except LibvmiError as exc:
-        raise EventError(f"LibVMI could not attach events to domain {domain} ({exc}): "
-                         "events need dom0 and a running domain") from exc
     stats = Cr3Stats(domain=domain, seconds=seconds)
 
     def on_cr3(_vmi: object, event: RegEvent) -> EventResponse:
@@ -117,26 +172,37 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen") -> Cr3Stats:
         stats.callback_seconds += time.perf_counter() - t0
         return EventResponse.NONE
 
-    event = RegEvent(X86Reg.CR3, RegAccess.W, on_cr3)
-    try:
+    with stop_on_signals() as stop:
         try:
-            vmi.register_event(event)
+            with _stdout_to_stderr():
+                # partial: no OS look-ups; raw CR3 values need no profile.
+                vmi = Libvmi(domain, INIT_DOMAINNAME | INIT_EVENTS, mode=vmi_mode, partial=True)
         except LibvmiError as exc:
             raise EventError(
-                f"cannot monitor CR3 writes of {domain} ({exc}): Xen delivers register "
-                "events for HVM/PVH domains only, not PV") from exc
-        start = time.monotonic()
+                f"LibVMI could not attach events to domain {domain} ({exc}): events need "
+                "dom0, a running domain, and its monitor ring free (Xen allows one monitor; "
+                "the ring of one killed outright stays until the domain is recreated)"
+            ) from exc
+        event = RegEvent(X86Reg.CR3, RegAccess.W, on_cr3)
         try:
-            while time.monotonic() - start < seconds:
-                vmi.listen(min(500, max(1, int((seconds - (time.monotonic() - start)) * 1000))))
-        finally:
-            stats.seconds = time.monotonic() - start
             try:
-                _detach(vmi, event, LibvmiError)
+                vmi.register_event(event)
             except LibvmiError as exc:
-                raise EventError(f"detaching the CR3 monitor from {domain} failed ({exc}): "
-                                 "a vCPU may still wait for an answer") from exc
-    finally:
-        with contextlib.suppress(Exception), _stdout_to_stderr():
-            vmi.destroy()
+                raise EventError(
+                    f"cannot monitor CR3 writes of {domain} ({exc}): Xen delivers register "
+                    "events for HVM/PVH domains only, not PV") from exc
+            try:
+                if on_attached is not None:
+                    on_attached()
+                stats.seconds = listen_until(vmi, seconds, stop)
+            finally:
+                stats.interrupted = stop.signal
+                try:
+                    _detach(vmi, event, LibvmiError)
+                except LibvmiError as exc:
+                    raise EventError(f"detaching the CR3 monitor from {domain} failed ({exc}): "
+                                     "a vCPU may still wait for an answer") from exc
+        finally:
+            with contextlib.suppress(Exception), _stdout_to_stderr():
+                vmi.destroy()
     return stats
