@@ -54,6 +54,8 @@ options:
           - C(behaviour.trace) needs C(model), the digest C(vims behaviour show) prints
             of a model in the A-VM's models directory; C(gate) arms tracing only while
             a monitored process runs.
+          - C(process.address_spaces) needs C(window_s), the seconds of CR3-write events
+            each round listens to (1-60; live Xen HVM/PVH C-VMs).
         type: dict
   verdict:
     description:

@@ -412,6 +412,48 @@ def test_a_cr3_monitor_ended_by_sigterm_detaches_and_the_next_one_attaches(
     assert json.loads(again.stdout)["events"] > 0
 
 
+def test_cr3_view_finds_a_process_hidden_while_it_runs_and_nothing_on_a_clean_domu(
+        lab_manager: LabManager, xen_lab: Lab, xen_share: Path) -> None:
+    """process.address_spaces: the address spaces Xen saw run vs the task list.
+
+    The clean window has short-lived processes (a fork/exec loop) coming and going:
+    none may be reported. The victim is a shell that wakes once a second, unlinked
+    from the task list (DKOM) while it runs; the PID IDR still finds it for kill.
+    """
+    shutil.copy2(TESTS / "xen_dom0_cr3_hide.py", xen_share / "xen_dom0_cr3_hide.py")
+    cvm(lab_manager, xen_lab, PVH,
+        "(end=$(($(date +%s) + 240)); while [ $(date +%s) -lt $end ]; do ls / >/dev/null; "
+        "sleep 0.05; done) >/dev/null 2>&1 & echo $! > /tmp/loop.pid")
+    victim = int(cvm(lab_manager, xen_lab, PVH,
+                     "(while :; do sleep 1; done) >/dev/null 2>&1 & echo $!").strip())
+    try:
+        clean = dom0(xen_lab, f"vims check --domain {PVH} --mode xen --profile "
+                              "/vims/profile.json --checks process.address_spaces --format json")
+        hidden = dom0(xen_lab, f"cd /vims && /opt/vims/bin/python xen_dom0_cr3_hide.py {PVH} "
+                               f"8 {victim}", timeout=300)
+        pv = dom0(xen_lab, f"vims check --domain {PV} --mode xen --profile /vims/profile.json "
+                           "--checks process.address_spaces --format json")
+    finally:
+        out = cvm(lab_manager, xen_lab, PVH, f"kill {victim} $(cat /tmp/loop.pid) && "
+                  "echo killed", timeout=60)
+    assert out.strip() == "killed"
+    assert clean.returncode == 0, clean.stderr[-800:]
+    report = json.loads(clean.stdout)
+    jsonschema.validate(report, SCHEMA)
+    assert [(c["id"], c["status"]) for c in report["checks"]] == [
+        ("process.address_spaces", "pass")]
+    assert hidden.returncode == 0, hidden.stderr[-1500:]
+    report = json.loads(hidden.stdout)
+    jsonschema.validate(report, SCHEMA)
+    found = [f for f in report["findings"] if f["check"] == "process.address_spaces"]
+    assert [f["evidence"]["pid"] for f in found] == [victim], report["checks"]
+    assert found[0]["evidence"]["switches"] >= 3  # it woke about once a second
+    assert pv.returncode == 0, pv.stderr[-800:]
+    (result,) = json.loads(pv.stdout)["checks"]
+    assert result["status"] == "not_applicable"
+    assert "HVM/PVH" in result["error"]
+
+
 # ------------------------------------------------------------- bad input
 def test_bad_xen_arguments_are_one_line_errors(xen_lab: Lab) -> None:
     proc = vims("lab", "up", "--name", "xenbad", "--hypervisor", "xen", "--domu-type", "hvm")

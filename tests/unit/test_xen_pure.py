@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -302,3 +305,97 @@ print("rc", rc, "restored", signal.getsignal(signal.SIGTERM) is before)
 """)
     assert proc.stdout.splitlines() == ["cleanup ran", "rc 2 restored True"], proc.stderr
     assert "vims: error: interrupted" in proc.stderr
+
+
+DIRECT = 0xFFFF888000000000  # the direct map: kv2p is a subtraction here
+
+
+class _Guest:
+    """Just enough of GuestMemory for the CR3 cross-view: words at addresses."""
+
+    class profile:
+        OFF: ClassVar[dict[tuple[str, str], int]] = {
+            ("task_struct", "mm"): 0x10, ("task_struct", "active_mm"): 0x18,
+            ("task_struct", "exit_state"): 0x20, ("task_struct", "pid"): 0x24,
+            ("task_struct", "comm"): 0x28, ("mm_struct", "pgd"): 0x8,
+            ("mm_struct", "mm_users"): 0x10}
+
+        @classmethod
+        def offset(cls, struct: str, member: str) -> int:
+            return cls.OFF[(struct, member)]
+
+        @staticmethod
+        def symbol(name: str) -> int:
+            return {"current_task": 0x100}[name]
+
+        @staticmethod
+        def has_symbol(name: str) -> bool:
+            return name == "init_top_pgt"
+
+    def __init__(self) -> None:
+        self.words: dict[int, int] = {}
+        self.syms = {"__per_cpu_offset": DIRECT + 0x1000, "init_top_pgt": DIRECT + 0x9000}
+        self.words[DIRECT + 0x1000] = DIRECT + 0x2000  # CPU 0's per-CPU area
+
+    def sym(self, name: str) -> int:
+        return self.syms[name]
+
+    def u64(self, addr: int) -> int:
+        return self.words.get(addr, 0)
+
+    u32 = i32 = u64
+
+    def read(self, addr: int, size: int) -> bytes:
+        return b"task\0".ljust(size, b"\0")
+
+    def kv2p(self, vaddr: int) -> int:
+        return vaddr - DIRECT
+
+    def flush(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        yield
+
+    def task(self, addr: int, pid: int, mm: int, pgd: int = 0) -> int:
+        self.words[addr + 0x10] = mm
+        self.words[addr + 0x18] = mm
+        self.words[addr + 0x24] = pid
+        if mm and pgd:
+            self.words[mm + 0x8] = DIRECT + pgd
+            self.words[mm + 0x10] = 1  # mm_users
+        return addr
+
+    def run(self, task: int) -> None:
+        self.words[DIRECT + 0x2000 + 0x100] = task
+
+
+def test_cr3_cross_view_reports_the_unlisted_space_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vims.vmi import crossview
+
+    g = _Guest()
+    listed = g.task(DIRECT + 0xA000, 10, mm=DIRECT + 0xA800, pgd=0x50000)
+    hidden = g.task(DIRECT + 0xB000, 66, mm=DIRECT + 0xB800, pgd=0x60000)
+    gone = g.task(DIRECT + 0xC000, 20, mm=DIRECT + 0xC800, pgd=0x70000)
+    execs = g.task(DIRECT + 0xD000, 30, mm=DIRECT + 0xD800, pgd=0x80000)
+    monkeypatch.setattr(crossview, "Linux", lambda _mem: type(
+        "L", (), {"tasks": staticmethod(lambda with_threads: [
+            type("T", (), {"mm": DIRECT + 0xA800})(),
+            type("T", (), {"mm": DIRECT + 0xD800})()])})())
+    view = crossview.Cr3CrossView(g)  # type: ignore[arg-type]
+    for task, next_root in ((listed, 0x60000 | 5), (hidden, 0x70000), (gone, 0x9000),
+                            (gone, 0x90000), (execs, 0x50000 | (1 << 63))):
+        g.run(task)
+        view.switch(next_root, 0)
+    # gone ran on the kernel's tables after exit_mm; execs switched to its new mm's
+    # tables (0x80000) before the next write named the pre-exec root 0x90000.
+    g.words[gone + 0x10] = 0
+    g.words[DIRECT + 0xC800 + 0x10] = 0  # its mm released
+    g.run(listed)
+    result = view.finish()
+    assert [h["pid"] for h in result.hidden] == [66]
+    assert result.hidden[0]["cr3"] == "0x60000"
+    assert (result.listed, result.exited) == (1, 1)
+    assert (result.kernel_switches, result.unattributed_switches) == (1, 1)
+    assert result.address_spaces == 3

@@ -18,6 +18,7 @@ from vims.checks.kernel import (
 from vims.checks.process import (
     AllowlistCheck,
     CodeCheck,
+    Cr3ViewCheck,
     CredsCheck,
     HiddenProcessCheck,
 )
@@ -28,10 +29,11 @@ ALL_CHECKS: dict[str, type[Check]] = {
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
               HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck,
               ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
-              TraceCheck)
+              TraceCheck, Cr3ViewCheck)
 }
 # What "every check" means when none are named: those that need no more than memory.
-# behaviour.trace needs the A-VM's tracer and a model, so a policy must select it.
+# behaviour.trace needs the A-VM's tracer and a model, process.address_spaces a window of
+# hypervisor events each round: a policy must select them.
 DEFAULT_CHECKS: list[str] = [cid for cid, c in ALL_CHECKS.items() if c.default]
 
 __all__ = ["ALL_CHECKS", "DEFAULT_CHECKS", "Category", "Check", "CheckResult", "Context",

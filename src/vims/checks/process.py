@@ -7,7 +7,15 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.checks.base import (
+    Category,
+    Check,
+    CheckError,
+    Context,
+    Finding,
+    NotApplicable,
+    Severity,
+)
 from vims.checks.rules import matches
 from vims.vmi.linux import MAX_RB_NODES, MAX_TASKS, Struct, WalkError, is_kernel_pointer
 from vims.vmi.memory import MemoryReadError
@@ -264,3 +272,54 @@ class CodeCheck(Check):
                         pid=t.pid, comm=t.comm, exe=t.exe, page=f"0x{vpage:x}",
                         expected_sha256=want, found_sha256=got))
         return out
+
+
+MAX_WINDOW_S = 60.0
+
+
+class Cr3ViewCheck(Check):
+    """The hypervisor's view of what ran, against the task list (vims.vmi.crossview).
+
+    Opt-in: every round listens to CR3 writes for ``window_s`` seconds (params;
+    5 by default, 1-60) with the guest running, and each intercepted switch costs
+    the guest a round trip through the hypervisor and the A-VM.
+    """
+
+    id: ClassVar[str] = "process.address_spaces"
+    description: ClassVar[str] = (
+        "Address spaces the hypervisor saw run (CR3 writes) all belong to listed tasks.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+    default = False
+    needs_pause = False  # events flow only while the guest runs
+
+    def run(self, ctx: Context) -> list[Finding]:
+        memo: list[Finding] | None = ctx.memo.get(self.id)
+        if memo is not None:  # a retried round: one window per round is enough
+            return memo
+        domain, mode = ctx.mem.domain, ctx.mem.mode
+        if domain is None or mode is None:
+            raise NotApplicable("needs a live domain: CR3-write events come from the "
+                                "hypervisor's monitor, not from a memory image")
+        window = ctx.params.get(self.id, {}).get("window_s", 5.0)
+        if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
+            raise CheckError(f"window_s must be a number of seconds within 1..{MAX_WINDOW_S:g}")
+        from vims.vmi.crossview import Cr3CrossView
+        from vims.vmi.events import EventError, measure_cr3
+
+        view = Cr3CrossView(ctx.mem)
+        try:
+            stats = measure_cr3(domain, float(window), mode, observer=view)
+        except EventError as exc:
+            if "HVM/PVH domains only" in str(exc):
+                raise NotApplicable(str(exc)) from exc
+            raise CheckError(str(exc)) from exc
+        if stats.interrupted:
+            raise CheckError(f"the CR3 window was cut short by {stats.interrupted}")
+        result = view.finish()
+        found = [self.finding(
+            f"process {h['pid']} ({h['comm']}) ran on its own page tables "
+            f"({h['switches']} switches in {stats.seconds:.1f} s) but is not on the task list",
+            **h) for h in result.hidden]
+        ctx.memo[self.id] = found
+        return found

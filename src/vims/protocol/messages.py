@@ -19,6 +19,8 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -94,9 +96,12 @@ PcrIndex = Annotated[str, StringConstraints(pattern=r"^(?:[0-9]|1[0-9]|2[0-3])$"
 PcrBank = Literal["sha1", "sha256", "sha384", "sha512"]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 Seq = Annotated[int, Field(ge=1, le=MAX_SEQ)]
-# Checks that need parameters from the policy (a model's digest) and so are never
-# part of "every check": vims.checks marks the same ones default = False.
-OPT_IN_CHECKS = frozenset({"behaviour.trace"})
+# Checks that need parameters from the policy and so are never part of "every check":
+# vims.checks marks the same ones default = False. Each with what its params say.
+OPT_IN_CHECKS: Mapping[str, str] = MappingProxyType({
+    "behaviour.trace": "model: the digest vims behaviour show prints",
+    "process.address_spaces": "window_s: seconds of CR3 events per round, 1-60",
+})
 
 Scalar = bool | int | float | Annotated[str, StringConstraints(max_length=1024)]
 

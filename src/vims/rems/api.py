@@ -96,7 +96,7 @@ def validate_policy(body: dict[str, Any]) -> None:
             raise PolicyError(f"{c['id']}: {'.'.join(str(p) for p in err['loc'])}: "
                               f"{err['msg']}") from exc
         if c["id"] in OPT_IN_CHECKS and not c.get("params"):
-            raise PolicyError(f"{c['id']} needs params (e.g. the model's digest)")
+            raise PolicyError(f"{c['id']} needs params ({OPT_IN_CHECKS[c['id']]})")
     VerdictPolicy.from_dict({"name": body.get("name", "policy"), **body.get("verdict", {})})
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -86,20 +88,51 @@ def events() -> None:
 @click.option("--seconds", type=click.FloatRange(0.1, 600), default=5.0, show_default=True,
               help="How long to monitor.")
 @click.option("--mode", type=click.Choice(["xen", "kvm"]), default="xen", show_default=True)
+@click.option("--cross-view", is_flag=True,
+              help="Name the address spaces that ran and report those no listed task owns "
+                   "(hidden processes); needs --profile. Exit status 1 when one is found.")
+@click.option("--profile", "profile_path", type=click.Path(exists=True, dir_okay=False,
+                                                          path_type=Path),
+              help="The domain kernel's profile (vims profile build), for --cross-view.")
 @FORMAT
-def cr3(domain: str, seconds: float, mode: str, fmt: str) -> None:
+def cr3(domain: str, seconds: float, mode: str, cross_view: bool, profile_path: Path | None,
+        fmt: str) -> None:
     """Count the domain's CR3 writes (address-space switches) for a while."""
     from vims.vmi.events import measure_cr3
 
-    stats = measure_cr3(domain, seconds, mode, on_attached=lambda: note(
-        f"monitoring {domain}'s CR3 writes for {seconds:g} s")).public()
+    if cross_view != (profile_path is not None):
+        raise click.UsageError("--cross-view and --profile go together")
+    with contextlib.ExitStack() as stack:
+        view = None
+        if profile_path is not None:
+            from vims.vmi.crossview import Cr3CrossView
+            from vims.vmi.memory import GuestMemory
+
+            mem = stack.enter_context(GuestMemory(Profile.load(profile_path), domain=domain,
+                                                  mode=mode))
+            view = Cr3CrossView(mem)
+        stats = measure_cr3(domain, seconds, mode, observer=view, on_attached=lambda: note(
+            f"monitoring {domain}'s CR3 writes for {seconds:g} s")).public()
+        if view is not None:
+            stats["cross_view"] = view.finish().public()
     if fmt == "json":
         click.echo(json.dumps(stats, indent=2))
     else:
         click.echo(f"{domain}: {stats['events']} CR3 writes in {stats['seconds']} s "
                    f"({stats['events_per_second']}/s), {stats['distinct_roots']} distinct "
                    f"page-table roots, handler {stats['handler_us_per_event']} us/event")
+        if "cross_view" in stats:
+            cv = stats["cross_view"]
+            click.echo(f"address spaces: {cv['address_spaces']} ({cv['listed']} of listed "
+                       f"tasks, {cv['exited']} exited), hidden: {len(cv['hidden'])}; "
+                       f"switches to kernel tables {cv['kernel_switches']}, unattributed "
+                       f"{cv['unattributed_switches']}")
+            for h in cv["hidden"]:
+                click.echo(f"  HIDDEN pid {h['pid']} ({h['comm']}) cr3 {h['cr3']}: ran "
+                           f"{h['switches']} times, no listed task owns its mm {h['mm']}")
     if stats["interrupted"]:
         # The counts so far are printed; the status still says the window was cut short.
         raise VimsError(f"interrupted by {stats['interrupted']} after {stats['seconds']} s; "
                         f"the monitor detached and {domain} runs on")
+    if stats.get("cross_view", {}).get("hidden"):
+        sys.exit(1)  # like vims check: 1 = findings

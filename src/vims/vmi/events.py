@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vims.errors import VimsError
 
@@ -41,12 +41,13 @@ class Cr3Stats:
     callback_seconds: float = 0.0  # time spent in our handler, all events together
     roots: Counter[int] = field(default_factory=Counter)
     interrupted: str | None = None  # the signal that ended the window early
+    observer_errors: int = 0
 
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
 
-    def public(self) -> dict[str, object]:
+    def public(self) -> dict[str, Any]:
         top = self.roots.most_common(8)
         return {
             "domain": self.domain, "seconds": round(self.seconds, 3), "events": self.events,
@@ -55,7 +56,7 @@ class Cr3Stats:
             "handler_us_per_event": round(self.callback_seconds / self.events * 1e6, 1)
             if self.events else None,
             "top_roots": [{"cr3": f"0x{cr3:x}", "writes": n} for cr3, n in top],
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "observer_errors": self.observer_errors,
         }
 
 
@@ -148,12 +149,18 @@ def listen_until(vmi: Any, seconds: float, stop: Stop) -> float:
     return time.monotonic() - start
 
 
+class Cr3Observer(Protocol):
+    def switch(self, value: int, vcpu: int) -> None: ...
+
+
 def measure_cr3(domain: str, seconds: float, mode: str = "xen",
-                on_attached: Callable[[], None] | None = None) -> Cr3Stats:
+                on_attached: Callable[[], None] | None = None,
+                observer: Cr3Observer | None = None) -> Cr3Stats:
     """Count CR3 writes of ``domain`` for ``seconds`` (bounded) through a LibVMI register event.
 
     A SIGINT/SIGTERM/SIGHUP ends the window early (``interrupted`` names it), after
-    which the monitor detaches as usual. ``on_attached`` runs once events flow.
+    which the monitor detaches as usual. ``on_attached`` runs once events flow;
+    ``observer`` sees every write while its vCPU waits (keep it short).
     """
     if not 0 < seconds <= MAX_SECONDS:
         raise EventError(f"seconds {seconds} out of range (0-{MAX_SECONDS:.0f})")
@@ -169,6 +176,11 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen",
         t0 = time.perf_counter()
         stats.events += 1
         stats.roots[int(event.value) & ~0xFFF] += 1
+        if observer is not None:
+            try:
+                observer.switch(int(event.value), int(event.vcpu_id))
+            except Exception:  # noqa: BLE001 - cffi would swallow it; the write is counted
+                stats.observer_errors += 1
         stats.callback_seconds += time.perf_counter() - t0
         return EventResponse.NONE
 

@@ -91,6 +91,9 @@ class GuestMemory:
         self._pauser = pauser
         self._map: mmap.mmap | None = None
         self._path = path
+        # The live domain read through a hypervisor driver (None for a memory file).
+        self.domain: str | None = domain if path is None else None
+        self.mode: str | None = mode if path is None else None
         self._file = None
         # Kept open for LibVMI's lifetime: it reads the map on symbol look-ups.
         self._sysmap = tempfile.NamedTemporaryFile(  # noqa: SIM115
