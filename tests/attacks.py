@@ -24,13 +24,23 @@ def patched(mem: GuestMemory, vaddr: int, data: bytes) -> Iterator[bytes]:
         mem.write(vaddr, original)
 
 
-@contextmanager
-def unlinked(mem: GuestMemory, entry: int) -> Iterator[None]:
-    """``list_del_init`` an entry (DKOM), then put it back where it was."""
+def list_del_init(mem: GuestMemory, entry: int) -> tuple[int, int]:
+    """Unlink a ``list_head`` the way DKOM does; its (next, prev) before.
+
+    The entry then points at itself, so the kernel's own unlink of it (at exit)
+    touches nothing else: a task hidden this way may run, and die, safely.
+    """
     nxt, prev = struct.unpack("<QQ", mem.read(entry, 16))
     mem.write(prev, struct.pack("<Q", nxt))
     mem.write(nxt + 8, struct.pack("<Q", prev))
     mem.write(entry, struct.pack("<QQ", entry, entry))
+    return nxt, prev
+
+
+@contextmanager
+def unlinked(mem: GuestMemory, entry: int) -> Iterator[None]:
+    """``list_del_init`` an entry (DKOM), then put it back where it was."""
+    nxt, prev = list_del_init(mem, entry)
     try:
         yield
     finally:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import signal
-import struct
 import sys
 from types import FrameType
 
+from attacks import list_del_init  # tests/, copied next to this file
 from vims.checks.runner import run_round
 from vims.vmi.linux import Linux
 from xen_dom0_attack import opened, xl_state  # tests/, copied next to this file
@@ -35,11 +35,7 @@ def main() -> None:
             if "p" not in state:
                 raise SystemExit(f"{domain} is not paused ({state}): no write into it")
             victim = next(t for t in Linux(mem).tasks() if t.pid == pid)
-            entry = victim.address + mem.profile.offset("task_struct", "tasks")
-            nxt, prev = struct.unpack("<QQ", mem.read(entry, 16))
-            mem.write(prev, struct.pack("<Q", nxt))
-            mem.write(nxt + 8, struct.pack("<Q", prev))
-            mem.write(entry, struct.pack("<QQ", entry, entry))
+            list_del_init(mem, victim.address + mem.profile.offset("task_struct", "tasks"))
             mem.flush()
             if any(t.pid == pid for t in Linux(mem).tasks()):
                 raise SystemExit(f"task {pid} is still listed after the unlink")

@@ -145,7 +145,7 @@ def xen_share(xen_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr
     shutil.copy2(out, share / "profile.json")
     shutil.copy2(Path(str(resources.files("vims.lab") / "policy.json")), share / "policy.json")
-    for name in ("attacks.py", "xen_dom0_attack.py"):
+    for name in ("attacks.py", "xen_dom0_attack.py", "xen_dom0_cr3_hide.py"):
         shutil.copy2(TESTS / name, share / name)
     return share
 
@@ -420,7 +420,6 @@ def test_cr3_view_finds_a_process_hidden_while_it_runs_and_nothing_on_a_clean_do
     none may be reported. The victim is a shell that wakes once a second, unlinked
     from the task list (DKOM) while it runs; the PID IDR still finds it for kill.
     """
-    shutil.copy2(TESTS / "xen_dom0_cr3_hide.py", xen_share / "xen_dom0_cr3_hide.py")
     cvm(lab_manager, xen_lab, PVH,
         "(end=$(($(date +%s) + 240)); while [ $(date +%s) -lt $end ]; do ls / >/dev/null; "
         "sleep 0.05; done) >/dev/null 2>&1 & echo $! > /tmp/loop.pid")

@@ -328,14 +328,11 @@ class _Guest:
         def symbol(name: str) -> int:
             return {"current_task": 0x100}[name]
 
-        @staticmethod
-        def has_symbol(name: str) -> bool:
-            return name == "init_top_pgt"
-
     def __init__(self) -> None:
         self.words: dict[int, int] = {}
-        self.syms = {"__per_cpu_offset": DIRECT + 0x1000, "init_top_pgt": DIRECT + 0x9000}
+        self.syms = {"__per_cpu_offset": DIRECT + 0x1000}
         self.words[DIRECT + 0x1000] = DIRECT + 0x2000  # CPU 0's per-CPU area
+        self.kernel_dtb = 0x9000
 
     def sym(self, name: str) -> int:
         return self.syms[name]
@@ -345,8 +342,8 @@ class _Guest:
 
     u32 = i32 = u64
 
-    def read(self, addr: int, size: int) -> bytes:
-        return b"task\0".ljust(size, b"\0")
+    def cstr(self, addr: int, limit: int = 256) -> str:
+        return "task"
 
     def kv2p(self, vaddr: int) -> int:
         return vaddr - DIRECT

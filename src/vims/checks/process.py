@@ -305,14 +305,14 @@ class Cr3ViewCheck(Check):
         if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
             raise CheckError(f"window_s must be a number of seconds within 1..{MAX_WINDOW_S:g}")
         from vims.vmi.crossview import Cr3CrossView
-        from vims.vmi.events import EventError, measure_cr3
+        from vims.vmi.events import EventError, EventsNotDelivered, measure_cr3
 
         view = Cr3CrossView(ctx.mem)
         try:
             stats = measure_cr3(domain, float(window), mode, observer=view)
+        except EventsNotDelivered as exc:
+            raise NotApplicable(str(exc)) from exc
         except EventError as exc:
-            if "HVM/PVH domains only" in str(exc):
-                raise NotApplicable(str(exc)) from exc
             raise CheckError(str(exc)) from exc
         if stats.interrupted:
             raise CheckError(f"the CR3 window was cut short by {stats.interrupted}")

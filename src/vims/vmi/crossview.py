@@ -27,12 +27,17 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from vims.errors import VimsError
 from vims.vmi.linux import Linux, WalkError
 from vims.vmi.memory import GuestMemory, MemoryReadError
 
 MAX_SPACES = 4096  # address spaces tracked per window; more are counted as overflow
 PTI_USER = 0x1000  # with PTI, the user half's root is the kernel pgd's next page
 ROOT_MASK = ~0xFFF & ((1 << 63) - 1)  # PCID bits and the no-flush bit are not the root
+
+
+class CrossViewError(VimsError):
+    """The cross-view cannot judge what it saw (the task list did not read)."""
 
 
 @dataclass
@@ -74,9 +79,7 @@ class Cr3CrossView:
         }
         self._current_task = p.symbol("current_task")  # a per-CPU offset: not relocated
         self._per_cpu = mem.sym("__per_cpu_offset")
-        kernel_pgd = mem.kv2p(mem.sym("init_top_pgt" if p.has_symbol("init_top_pgt")
-                                      else "swapper_pg_dir"))
-        self._kernel_roots = (kernel_pgd, kernel_pgd | PTI_USER)
+        self._kernel_roots = (mem.kernel_dtb, mem.kernel_dtb | PTI_USER)
         self.spaces: dict[tuple[int, int], AddressSpace] = {}
         self._last: dict[int, int] = {}  # vCPU -> root it switched to last
         self.result = CrossViewResult()
@@ -135,7 +138,8 @@ class Cr3CrossView:
             try:
                 owned = {t.mm for t in Linux(mem).tasks(with_threads=True) if t.mm}
             except (WalkError, MemoryReadError) as exc:
-                raise MemoryReadError(0, 0, f"task list unreadable: {exc}") from exc
+                raise CrossViewError(f"the task list is unreadable ({exc}): no cross-view "
+                                     "without it") from exc
             res.address_spaces = len(self.spaces)
             for space in self.spaces.values():
                 if space.mm in owned:
@@ -168,8 +172,7 @@ class Cr3CrossView:
         pid, comm = -1, "?"
         with contextlib.suppress(MemoryReadError):
             pid = mem.i32(space.task + off["pid"])
-            comm = mem.read(space.task + off["comm"], 16).split(b"\0", 1)[0].decode(
-                "utf-8", "replace")
+            comm = mem.cstr(space.task + off["comm"], 16)
         return {"cr3": f"0x{space.root:x}", "mm": f"0x{space.mm:x}",
                 "task": f"0x{space.task:x}", "pid": pid, "comm": comm,
                 "switches": space.switches}

@@ -31,6 +31,10 @@ class EventError(VimsError):
     """Events cannot be set up on this domain."""
 
 
+class EventsNotDelivered(EventError):
+    """The hypervisor does not deliver these events for this kind of domain (Xen PV)."""
+
+
 @dataclass
 class Cr3Stats:
     """What a CR3-write monitor saw in a time window."""
@@ -200,7 +204,7 @@ def measure_cr3(domain: str, seconds: float, mode: str = "xen",
             try:
                 vmi.register_event(event)
             except LibvmiError as exc:
-                raise EventError(
+                raise EventsNotDelivered(
                     f"cannot monitor CR3 writes of {domain} ({exc}): Xen delivers register "
                     "events for HVM/PVH domains only, not PV") from exc
             try:

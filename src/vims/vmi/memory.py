@@ -133,7 +133,7 @@ class GuestMemory:
         stext = int(self.vmi.translate_ksym2v("_stext"))
         self.kaslr_offset: int = stext - profile.symbol("_stext")
         pgd = "init_top_pgt" if profile.has_symbol("init_top_pgt") else "swapper_pg_dir"
-        self._kernel_dtb = self.kv2p(self.sym(pgd))
+        self.kernel_dtb: int = self.kv2p(self.sym(pgd))  # the kernel's own page tables
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -252,7 +252,7 @@ class GuestMemory:
     def _lookup(self, vaddr: int) -> tuple[int, int]:
         """Physical address of ``vaddr`` and the size of the page that maps it."""
         try:
-            info = self.vmi.pagetable_lookup_extended(self._kernel_dtb, vaddr)
+            info = self.vmi.pagetable_lookup_extended(self.kernel_dtb, vaddr)
         except (self._libvmi_error, OverflowError) as exc:
             raise MemoryReadError(vaddr, 1) from exc
         size = int(info.size)
