@@ -203,6 +203,22 @@ def test_baseline_holds_across_a_reboot_with_another_kaslr_slide(
         lab_manager.down(other.name)
 
 
+def test_cr3_view_is_not_applicable_to_a_memory_file_and_refuses_a_bad_window(
+        mem: GuestMemory) -> None:
+    """process.address_spaces needs hypervisor events: a RAM file has none to give."""
+    cid = "process.address_spaces"
+    report = run_round(mem, [cid], None, None, "none", {"memory": "lab"})
+    (result,) = report["checks"]
+    assert result["status"] == "not_applicable"
+    assert "live domain" in result["error"]
+    for bad in (0, 61, "5", None, [5]):
+        report = run_round(mem, [cid], None, None, "none", {"memory": "lab"},
+                           params={cid: {"window_s": bad}})
+        (result,) = report["checks"]
+        assert result["status"] == "error", bad
+        assert "window_s must be" in result["error"]
+
+
 def test_cli_check_clean_exit_0_and_table(lab: Lab, profile_path: Path, baseline_path: Path,
                                           lab_policy: Path) -> None:
     args = ["check", "--memory", lab.ram_path, "--profile", str(profile_path), "--baseline",

@@ -396,3 +396,13 @@ def test_cr3_cross_view_reports_the_unlisted_space_only(monkeypatch: pytest.Monk
     assert (result.listed, result.exited) == (1, 1)
     assert (result.kernel_switches, result.unattributed_switches) == (1, 1)
     assert result.address_spaces == 3
+
+
+def test_cross_view_needs_a_profile_and_says_so_before_touching_a_domain() -> None:
+    for args in (["--cross-view"], ["--profile", __file__]):
+        proc = _child(f"""
+from vims import cli
+raise SystemExit(cli.main(["events", "cr3", "--domain", "nosuch", *{args!r}]))
+""")
+        assert proc.returncode == 2, proc.stderr
+        assert "--cross-view and --profile go together" in proc.stderr

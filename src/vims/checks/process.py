@@ -297,13 +297,14 @@ class Cr3ViewCheck(Check):
         memo: list[Finding] | None = ctx.memo.get(self.id)
         if memo is not None:  # a retried round: one window per round is enough
             return memo
+        # A policy's bad window is an error whatever the target: it would be on the next.
+        window = ctx.params.get(self.id, {}).get("window_s", 5.0)
+        if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
+            raise CheckError(f"window_s must be a number of seconds within 1..{MAX_WINDOW_S:g}")
         domain, mode = ctx.mem.domain, ctx.mem.mode
         if domain is None or mode is None:
             raise NotApplicable("needs a live domain: CR3-write events come from the "
                                 "hypervisor's monitor, not from a memory image")
-        window = ctx.params.get(self.id, {}).get("window_s", 5.0)
-        if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
-            raise CheckError(f"window_s must be a number of seconds within 1..{MAX_WINDOW_S:g}")
         from vims.vmi.crossview import Cr3CrossView
         from vims.vmi.events import EventError, EventsNotDelivered, measure_cr3
 
