@@ -65,7 +65,7 @@ def ansible_lab() -> Iterator[Lab]:
         "vims_lab_root": str(root / "state"), "vims_lab_run_dir": str(root / "run"),
         "vims_lab_log_dir": str(root / "log"),
         "vims_lab_rems_http_port": free_port(), "vims_lab_rems_channel_port": free_port(),
-        "avm_swtpm_port": free_port(),  # and the next port (control); rarely taken
+        "avm_swtpm_port": free_port(2),  # and the next port (control)
         "lab_cvm_name": "ansiblecvm1",
         "cvm_gate_route": {"cvm": "cvm1", "listen": f"127.0.0.1:{gate}"},
     })

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vims.errors import VimsError
+from vims.net import free_port
 
 READY_TIMEOUT_S = 5.0
 
@@ -30,23 +31,6 @@ def _tool(name: str) -> str:
     if path is None:
         raise SwtpmError(f"{name} not found: install the swtpm and swtpm-tools packages")
     return path
-
-
-def _free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (server and control channel)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise SwtpmError("no free TCP port pair for swtpm on 127.0.0.1")
 
 
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
@@ -143,26 +127,41 @@ class Swtpm:
         if self._proc is not None:
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port_pair()
-        cmd = [
-            _tool("swtpm"), "socket", "--tpm2",
-            "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
-            "--tpmstate", f"dir={self.state_dir}",
-            "--flags", "not-need-init,startup-clear",
-        ]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.port = free_port(2)  # the swtpm TCTI finds the control channel at port + 1
+            # The control socket is ours, listening before swtpm starts, so no other
+            # process can take it in between; swtpm binds the TPM port itself (its
+            # --server fd= is a connected socket, not a listening one).
+            ctrl = socket.socket()
+            ctrl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ctrl.bind(("127.0.0.1", self.ctrl_port))
+            ctrl.listen()
+        except OSError as exc:
+            raise SwtpmError(f"no TCP ports for swtpm on 127.0.0.1: {exc}") from None
+        with ctrl:
+            cmd = [
+                _tool("swtpm"), "socket", "--tpm2",
+                "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+                "--ctrl", f"type=tcp,fd={ctrl.fileno()}",
+                "--tpmstate", f"dir={self.state_dir}",
+                "--flags", "not-need-init,startup-clear",
+            ]  # fmt: skip
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, pass_fds=(ctrl.fileno(),))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
                 raise SwtpmError(f"swtpm exited at start: {err.strip() or 'no output'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.ctrl_port), timeout=0.2):
-                    return self
+            try:  # the TPM port: the one swtpm binds (it exits if it cannot)
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    pass
             except OSError:
                 time.sleep(0.01)
+                continue
+            if self._proc.poll() is None:
+                return self
         self.stop()
         raise SwtpmError(f"swtpm not ready on port {self.port} after {READY_TIMEOUT_S} s")
 
