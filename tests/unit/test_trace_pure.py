@@ -15,7 +15,7 @@ from vims.protocol.messages import OPT_IN_CHECKS
 from vims.trace.gdbstub import GdbError, checksum, decode_body, escape, parse_stop
 from vims.trace.model import Enforcer, Learner, Model, ModelError, find_model, normalise_digest
 from vims.trace.session import trace_settings
-from vims.trace.tracer import Instruction, SyscallEvent, TraceError, app_globs
+from vims.trace.tracer import Instruction, SyscallEvent, TraceError, app_globs, kernel_gs_base
 
 
 def test_packets_escape_checksum_and_run_length() -> None:
@@ -25,6 +25,18 @@ def test_packets_escape_checksum_and_run_length() -> None:
     assert decode_body(b"0* ") == b"0000"  # '0' then 3 more (' ' is 32 = 29 + 3)
     with pytest.raises(GdbError):
         decode_body(b"0*~" * 20000)  # a run-length bomb stays within the packet bound
+
+
+def test_the_kernel_gs_base_is_the_one_in_the_kernel_half() -> None:
+    percpu = 0xFFFF_8880_3E60_0000
+    assert kernel_gs_base({"cs": 0x10, "gs_base": percpu, "k_gs_base": 0}) == percpu
+    assert kernel_gs_base({"cs": 0x33, "gs_base": 0, "k_gs_base": percpu}) == percpu
+    # ring 0 between SYSCALL and SWAPGS: the user's GS is still loaded (the CI failure
+    # "cannot read 1 bytes at 0x1fb80" was current_task read at 0 + its per-CPU offset)
+    assert kernel_gs_base({"cs": 0x10, "gs_base": 0x7F12_3456_0000, "k_gs_base": percpu}) \
+        == percpu
+    assert kernel_gs_base({"cs": 0x10, "gs_base": 0, "k_gs_base": 0}) is None
+    assert kernel_gs_base({"cs": 0x10, "gs_base": 0}) is None  # a stub without k_gs_base
 
 
 def test_stop_replies() -> None:

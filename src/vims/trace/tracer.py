@@ -44,6 +44,7 @@ from vims.vmi.memory import GuestMemory, MemoryReadError
 log = logging.getLogger("vims.trace")
 
 MAX_TRACKED = 4096
+KERNEL_HALF = 0xFFFF_8000_0000_0000  # canonical kernel addresses start here
 MAX_ANCESTRY = 8
 MAX_STRING = 256
 HOLD_TIMEOUT = 30.0
@@ -152,6 +153,21 @@ class _Layout:
     names: list[str] = field(default_factory=list)
 
 
+def kernel_gs_base(regs: dict[str, int]) -> int | None:
+    """The kernel's per-CPU base among a vCPU's GS bases, or None.
+
+    Which of GS_BASE and KERNEL_GS_BASE holds it depends on where the vCPU
+    stopped, and ring 0 is not enough to tell: between SYSCALL and the entry's
+    SWAPGS (and back on exit) the kernel runs with the user's GS. The per-CPU
+    base is the one in the kernel half of the address space.
+    """
+    for name in ("gs_base", "k_gs_base"):
+        value = regs.get(name, 0)
+        if value >= KERNEL_HALF:
+            return value
+    return None
+
+
 def syscall_names(mem: GuestMemory) -> list[str]:
     """Name of each system call number, from the profile's table as linked."""
     out: list[str] = []
@@ -249,12 +265,10 @@ class SyscallTracer:
                 else "do_syscall_64"
             self._syscall_site = self._site(gdb, entry)
             self._switch_site = self._site(gdb, "switch_mm_irqs_off") if self.gate else 0
-            regs = gdb.read_registers()
-            gs = regs["gs_base"] if regs.get("cs", 0) & 3 == 0 else regs.get("k_gs_base", 0)
-            current = self._task(self.mem.u64(gs + self._layout.current_task))
-            if self.gate:
+            current = self._current(gdb.read_registers())
+            if self.gate:  # a task we cannot name is armed for: the next switch decides
                 gdb.insert_breakpoint(self._switch_site)
-                self._arm(gdb, current is not None and current.app is not None)
+                self._arm(gdb, current is None or current.app is not None)
             else:
                 self._arm(gdb, True)
         except BaseException:
@@ -410,15 +424,22 @@ class SyscallTracer:
             task = parent
         return None
 
-    def _syscall(self, regs: dict[str, int]) -> None:
-        lay, mem = self._layout, self.mem
+    def _current(self, regs: dict[str, int]) -> _Task | None:
+        """The task running on the stopped vCPU (None: not readable at this instant)."""
+        gs = kernel_gs_base(regs)
         try:
-            current = mem.u64(regs["gs_base"] + lay.current_task)
+            if gs is None:
+                raise MemoryReadError(regs.get("gs_base", 0), 8, "no kernel GS base")
+            current = self.mem.u64(gs + self._layout.current_task)
         except MemoryReadError as exc:
             log.debug("current task unreadable: %s", exc)
             self.stats.unreadable += 1
-            return
-        task = self._task(current)
+            return None
+        return self._task(current)
+
+    def _syscall(self, regs: dict[str, int]) -> None:
+        lay, mem = self._layout, self.mem
+        task = self._current(regs)
         if task is None or task.app is None:
             return
         nr = regs["rsi"] & 0xFFFFFFFF
