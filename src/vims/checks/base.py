@@ -143,6 +143,9 @@ class Check(ABC):
     # Walks linked, changing structures: a paused round runs it with the guest stopped.
     # Checks of memory that does not move (kernel text, tables) run after the pause.
     needs_pause: ClassVar[bool] = True
+    # Its run consumes something (a window of events, the tracer's violations): a
+    # retried round's later attempts reuse the first attempt's findings.
+    once_per_round: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, ctx: Context) -> list[Finding]:
@@ -155,7 +158,10 @@ class Check(ABC):
     def execute(self, ctx: Context) -> CheckResult:
         start = time.perf_counter()
         try:
-            findings = self.run(ctx)
+            kept: list[Finding] | None = ctx.memo.get(self.id) if self.once_per_round else None
+            findings = kept if kept is not None else self.run(ctx)
+            if self.once_per_round:
+                ctx.memo[self.id] = findings
             status = Status.FAIL if findings else Status.PASS
             error = None
         except NotApplicable as exc:

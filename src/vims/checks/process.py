@@ -292,11 +292,9 @@ class Cr3ViewCheck(Check):
     category = Category.EXECUTABLES
     default = False
     needs_pause = False  # events flow only while the guest runs
+    once_per_round = True  # one window per round is enough
 
     def run(self, ctx: Context) -> list[Finding]:
-        memo: list[Finding] | None = ctx.memo.get(self.id)
-        if memo is not None:  # a retried round: one window per round is enough
-            return memo
         # A policy's bad window is an error whatever the target: it would be on the next.
         window = ctx.params.get(self.id, {}).get("window_s", 5.0)
         if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
@@ -318,9 +316,7 @@ class Cr3ViewCheck(Check):
         if stats.interrupted:
             raise CheckError(f"the CR3 window was cut short by {stats.interrupted}")
         result = view.finish()
-        found = [self.finding(
+        return [self.finding(
             f"process {h['pid']} ({h['comm']}) ran on its own page tables "
             f"({h['switches']} switches in {stats.seconds:.1f} s) but is not on the task list",
             **h) for h in result.hidden]
-        ctx.memo[self.id] = found
-        return found

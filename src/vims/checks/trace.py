@@ -28,19 +28,14 @@ class TraceCheck(Check):
     severity = Severity.HIGH
     category = Category.RUNTIME_OPAQUE
     default = False
+    once_per_round = True  # the violations are taken from the tracer once per round
 
     def run(self, ctx: Context) -> list[Finding]:
-        # A retried round runs the check again: take the violations once per round.
-        memo: list[Finding] | None = ctx.memo.get(self.id)
-        if memo is not None:
-            return memo
         if ctx.tracing is None:
             raise CheckError("needs the A-VM's tracer: a C-VM with a gdbstub (gdb in the agent "
                              "config) and a model named in the REM-S policy")
         live = {t.tgid for t in ctx.tasks if t.pid == t.tgid}
-        found = [self._finding(v) for v in ctx.tracing.take(live)]
-        ctx.memo[self.id] = found
-        return found
+        return [self._finding(v) for v in ctx.tracing.take(live)]
 
     def _finding(self, v: Violation) -> Finding:
         evidence: dict[str, Any] = v.public()

@@ -427,12 +427,13 @@ class SyscallTracer:
     def _current(self, regs: dict[str, int]) -> _Task | None:
         """The task running on the stopped vCPU (None: not readable at this instant)."""
         gs = kernel_gs_base(regs)
+        current = None
         try:
-            if gs is None:
-                raise MemoryReadError(regs.get("gs_base", 0), 8, "no kernel GS base")
-            current = self.mem.u64(gs + self._layout.current_task)
+            if gs is not None:
+                current = self.mem.u64(gs + self._layout.current_task)
         except MemoryReadError as exc:
             log.debug("current task unreadable: %s", exc)
+        if current is None:
             self.stats.unreadable += 1
             return None
         return self._task(current)
