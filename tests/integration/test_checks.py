@@ -211,7 +211,7 @@ def test_cr3_view_is_not_applicable_to_a_memory_file_and_refuses_a_bad_window(
     (result,) = report["checks"]
     assert result["status"] == "not_applicable"
     assert "live domain" in result["error"]
-    for bad in (0, 61, "5", None, [5]):
+    for bad in (0, 61, "5", None, [5], True):
         report = run_round(mem, [cid], None, None, "none", {"memory": "lab"},
                            params={cid: {"window_s": bad}})
         (result,) = report["checks"]

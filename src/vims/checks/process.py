@@ -297,7 +297,8 @@ class Cr3ViewCheck(Check):
     def run(self, ctx: Context) -> list[Finding]:
         # A policy's bad window is an error whatever the target: it would be on the next.
         window = ctx.params.get(self.id, {}).get("window_s", 5.0)
-        if not isinstance(window, (int, float)) or not 1.0 <= window <= MAX_WINDOW_S:
+        if (isinstance(window, bool) or not isinstance(window, (int, float))
+                or not 1.0 <= window <= MAX_WINDOW_S):  # True is an int to Python
             raise CheckError(f"window_s must be a number of seconds within 1..{MAX_WINDOW_S:g}")
         domain, mode = ctx.mem.domain, ctx.mem.mode
         if domain is None or mode is None:
