@@ -80,6 +80,32 @@ def test_process_list_equals_guest_ps(lab_manager: LabManager, lab: Lab, mem: Gu
     kill_tagged(lab_manager, lab, "sleep", "7777")
 
 
+def test_a_zombie_is_listed_as_exited_and_not_judged_as_a_kernel_thread(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    # The background child exits; its parent has become `sleep` by exec and never reaps it.
+    start_bg(lab_manager, lab, "sh -c 'true & exec sleep 7778' >/dev/null 2>&1", "sleep", "7778")
+    try:
+        zombies = sh(lab_manager, lab, "for s in /proc/[0-9]*/status; do p=$(awk '/^PPid/ "
+                     "{print $2}' $s 2>/dev/null); grep -q '^State:.*Z' $s 2>/dev/null && "
+                     "grep -q 7778 /proc/$p/cmdline && basename ${s%/status}; done; true")
+        assert len(zombies.split()) == 1, zombies
+        zombie = int(zombies)
+        no_kthreads = {**policy, "processes": {**policy["processes"], "kernel_threads": False}}
+        report = round_(mem, baseline, no_kthreads, "process.hidden", "process.allowlist")
+        by_pid = {p["pid"]: p for p in report["processes"]}
+        assert (by_pid[zombie]["exited"], by_pid[zombie]["kernel_thread"]) == (True, False)
+        assert (by_pid[2]["exited"], by_pid[2]["kernel_thread"]) == (False, True)  # kthreadd
+        sleeper = next(p for p in report["processes"] if p["comm"] == "sleep")
+        assert (sleeper["exited"], sleeper["kernel_thread"]) == (False, False)
+        flagged = {f["evidence"]["pid"] for f in report["findings"]
+                   if f["check"] == "process.allowlist"}
+        assert 2 in flagged  # kernel threads are judged under this policy
+        assert zombie not in flagged  # an exited process is not one
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "7778")
+
+
 def test_own_page_walk_agrees_with_libvmi(lab_manager: LabManager, lab: Lab,
                                           mem: GuestMemory) -> None:
     """process.code's page-table walker against LibVMI's translation, page by page,
@@ -88,7 +114,7 @@ def test_own_page_walk_agrees_with_libvmi(lab_manager: LabManager, lab: Lab,
     with mem.paused():
         mem.flush()
         for t in Linux(mem).tasks():
-            if t.kernel_thread:
+            if not t.mm:  # kernel threads and exited processes
                 continue
             mm = Struct(mem, "mm_struct", t.mm)
             for lo, hi in ((mm.ptr("start_code"), mm.ptr("end_code")),

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import vims
 from vims.lab import Lab, LabManager
+from vims.vmi.linux import Linux, Struct
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -130,8 +131,32 @@ def test_oracle_pslist_agrees_with_vims(hooked_snapshot: Path, profile_path: Pat
     vol = {(int(r[1]), int(r[3]), r[4]) for r in rows if int(r[1]) == int(r[2])}
     report = vims_report(hooked_snapshot, profile_path)
     ours = {(p["pid"], p["ppid"], p["comm"]) for p in report["processes"]}  # type: ignore[attr-defined]
-    assert ours == vol
+    # volatility's task_struct.is_valid() drops two kinds of real tasks that a paused
+    # snapshot can catch: one that has exited (no nsproxy; a zombie until reaped,
+    # which ps shows as <defunct>) and one inside exec_mmap() (mm != active_mm).
+    # VIMS lists both, and marks the exited ones. Everything else must match exactly.
+    skipped = vol_skips(hooked_snapshot, profile_path)
+    assert ours - set(skipped) == vol
+    assert set(skipped) <= ours
+    for p in report["processes"]:  # type: ignore[attr-defined]
+        why = skipped.get((p["pid"], p["ppid"], p["comm"]))
+        if why is not None:
+            assert p["exited"] is (why == "exited"), (p, why)
     assert len(ours) > 40
+
+
+def vol_skips(snap: Path, profile_path: Path) -> dict[tuple[int, int, str], str]:
+    with GuestMemory(Profile.load(profile_path), path=snap) as mem:
+        linux = Linux(mem)
+        out = {}
+        for addr in linux.for_each_process():
+            t = Struct(mem, "task_struct", addr)
+            why = "exited" if not t.ptr("nsproxy") else \
+                "in exec" if t.ptr("mm") != t.ptr("active_mm") and t.ptr("mm") else None
+            if why and t.i32("pid"):
+                task = linux.read_task(addr)
+                out[(task.pid, task.ppid, task.comm)] = why
+        return out
 
 
 def test_oracle_lsmod_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,

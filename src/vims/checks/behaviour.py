@@ -52,7 +52,7 @@ def _processes(ctx: Context) -> Iterator[tuple[Task, Task | None, dict[str, Any]
         raise CheckError("policy behaviour.apps must be a list")
     by_pid = {t.pid: t for t in ctx.tasks}
     for t in ctx.tasks:
-        if t.kernel_thread or t.pid != t.tgid:
+        if not t.mm or t.pid != t.tgid:  # kernel threads and exited processes
             continue
         parent = by_pid.get(t.ppid)
         yield t, parent, next((a for a in apps if matches(a, t, parent)), None)

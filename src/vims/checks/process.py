@@ -165,7 +165,7 @@ class AllowlistCheck(Check):
         by_pid = {t.pid: t for t in ctx.tasks}
         out = []
         for t in ctx.tasks:
-            if t.pid == 0 or (t.kernel_thread and allow_kthreads):
+            if t.pid == 0 or t.exited or (t.kernel_thread and allow_kthreads):
                 continue
             if t.pid != t.tgid:
                 continue  # threads follow their leader
@@ -204,7 +204,7 @@ class CredsCheck(Check):
                     f"task {t.pid} ({t.comm}) is root under non-root parent {parent.pid} "
                     f"({parent.comm})", pid=t.pid, comm=t.comm, uid=t.uid, euid=t.euid,
                     parent_pid=parent.pid, parent_uid=parent.uid))
-            if t.euid == 0 and not t.kernel_thread:
+            if t.euid == 0 and t.mm:
                 caps = mem.u64(t.cred + cap_off)
                 ids = mem.read(t.cred + p.offset("cred", "uid"), 32)
                 if caps == 0 and any(ids[i:i + 4] == b"\0\0\0\0" for i in (0, 16)) and \
@@ -241,7 +241,7 @@ class CodeCheck(Check):
         checked: set[tuple[int, str]] = set()
         digests: dict[int, str] = {}  # physical page -> digest: page-cache pages are shared
         for t in ctx.tasks:
-            if t.kernel_thread or not t.exe or t.pid != t.tgid:
+            if not t.mm or not t.exe or t.pid != t.tgid:
                 continue
             entry = known.get(t.exe)
             if entry is None:

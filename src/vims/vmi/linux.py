@@ -123,6 +123,11 @@ def list_for_each(mem: GuestMemory, head: int, limit: int) -> Iterator[int]:
         prev, node = node, mem.u64(node)
 
 
+# include/linux/sched.h; macros, so not in BTF. Unchanged since Linux 2.6.27.
+PF_EXITING = 0x00000004
+PF_KTHREAD = 0x00200000
+
+
 @dataclass
 class Task:
     """A task as the A-VM sees it."""
@@ -141,14 +146,24 @@ class Task:
     pgd: int = 0
     exe: str = ""
     exe_file: int = 0
+    flags: int = 0  # task_struct.flags (PF_*)
 
+    # Without a user address space (mm) a task runs no user code, so the process
+    # checks pass over it; flags only say which kind it is. A task that has an mm is
+    # judged as a process whatever its flags claim (a flag is one bit to flip).
     @property
     def kernel_thread(self) -> bool:
-        return self.mm == 0
+        return self.mm == 0 and not self.exited
+
+    @property
+    def exited(self) -> bool:
+        """A zombie, or a process past exit_mm(): no code of its own runs any more."""
+        return self.mm == 0 and self.flags & (PF_EXITING | PF_KTHREAD) == PF_EXITING
 
     def public(self) -> dict[str, object]:
         return {"pid": self.pid, "ppid": self.ppid, "comm": self.comm, "exe": self.exe,
-                "uid": self.uid, "euid": self.euid}
+                "uid": self.uid, "euid": self.euid, "kernel_thread": self.kernel_thread,
+                "exited": self.exited}
 
 
 @dataclass
@@ -199,7 +214,7 @@ class Linux:
         mm = t.ptr("mm")
         task = Task(address=address, pid=t.i32("pid"), tgid=t.i32("tgid"), ppid=ppid,
                     comm=t.cstr("comm", 16), uid=uid, euid=euid, gid=gid, cred=cred,
-                    real_cred=t.ptr("real_cred"), mm=mm)
+                    real_cred=t.ptr("real_cred"), mm=mm, flags=t.u32("flags"))
         if mm:
             if not is_kernel_pointer(mm):
                 raise WalkError("task mm is not a kernel pointer", address)
