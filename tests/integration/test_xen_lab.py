@@ -132,7 +132,16 @@ def _domains_alive(request: pytest.FixtureRequest, xen_lab: Lab) -> Iterator[Non
                                 f"xl list: {flags}; its console: "
                                 + " | ".join(domain_console_tail(mgr.domain(xen_lab, dom))))
     if any(p.startswith("C-VM domain") for p in problems):
-        _BROKEN[:] = problems
+        # The tests that follow get fresh domains; this one fails all the same.
+        mgr = LabManager(xen_lab.dir.parents[1])
+        broken = [d for d in DOMAINS if any(p.startswith(f"C-VM domain {d}:") for p in problems)]
+        try:
+            for dom in broken:
+                xen_lab.domains[:] = mgr.recreate_domain(xen_lab.name, dom).domains
+            problems.append(f"(recreated {', '.join(broken)} for the tests that follow)")
+            _BROKEN.clear()
+        except LabError as exc:
+            _BROKEN[:] = [*problems, f"recreating the domain failed: {exc}"]
         pytest.fail("after this test:\n" + "\n".join(problems), pytrace=False)
 
 
@@ -350,6 +359,16 @@ def test_unknown_executable_and_listener_are_found(lab_manager: LabManager, xen_
 
 
 # ------------------------------------------------------------------ events
+# Under nested TCG (QEMU 7.2 emulating SVM for Xen) the PVH domU now and then dies while
+# CR3 monitors attach and detach: about 1 run in 15 of the SIGTERM test on one lab,
+# its saved vCPU state naming Xen's own code (cs e008) or a user RIP, on a Xen whose
+# monitor applies each CR3 write at once. Such a run fails, the domain is recreated
+# (_domains_alive), and the test runs once more on it; a second crash, or any other
+# failure, fails it. pytest prints the rerun.
+NESTED_TCG_CRASH = pytest.mark.flaky(reruns=1, only_rerun=["Xen dumped its vCPU state"])
+
+
+@NESTED_TCG_CRASH
 def test_cr3_events_on_pvh_and_a_clear_error_on_pv(lab_manager: LabManager,
                                                    xen_lab: Lab) -> None:
     # Address-space switches to see: short-lived processes in the domU, paced so that
@@ -377,6 +396,7 @@ def test_cr3_events_on_pvh_and_a_clear_error_on_pv(lab_manager: LabManager,
     assert "HVM/PVH domains only" in proc.stderr
 
 
+@NESTED_TCG_CRASH
 def test_a_cr3_monitor_ended_by_sigterm_detaches_and_the_next_one_attaches(
         lab_manager: LabManager, xen_lab: Lab) -> None:
     """What `timeout`, Ansible or CI do to a command that runs too long.
@@ -412,6 +432,7 @@ def test_a_cr3_monitor_ended_by_sigterm_detaches_and_the_next_one_attaches(
     assert json.loads(again.stdout)["events"] > 0
 
 
+@NESTED_TCG_CRASH
 def test_cr3_view_finds_a_process_hidden_while_it_runs_and_nothing_on_a_clean_domu(
         lab_manager: LabManager, xen_lab: Lab, xen_share: Path) -> None:
     """process.address_spaces: the address spaces Xen saw run vs the task list.
@@ -461,6 +482,9 @@ def test_bad_xen_arguments_are_one_line_errors(xen_lab: Lab) -> None:
     proc = vims("lab", "up", "--name", "xenbad", "--cvms", "2")
     assert proc.returncode == 2
     assert "--hypervisor xen" in proc.stderr
+    proc = labcli(xen_lab, "recreate", xen_lab.name, "--domain", "nosuch")
+    assert proc.returncode == 2
+    assert f"lab '{xen_lab.name}' has no domain 'nosuch'" in proc.stderr
     proc = dom0(xen_lab, "vims check --domain nosuch --mode xen --profile /vims/profile.json")
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("vims: error:")]
@@ -512,6 +536,15 @@ def test_zy_a_crashed_domu_is_reported_with_its_console_tail(xen_lab: Lab) -> No
     assert "Kernel panic - not syncing: sysrq triggered crash" in message  # its last words
     assert any(f"C-VM domain {PVH}:" in p for p in domain_problems(xen_lab))
     assert not any(f"C-VM domain {PV}:" in p for p in domain_problems(xen_lab))
+    # What the session does after such a crash: the same domain, created afresh.
+    old_id = mgr.domain(xen_lab, PVH)["domid"]
+    proc = labcli(xen_lab, "recreate", xen_lab.name, "--domain", PVH)
+    assert proc.returncode == 0, proc.stderr
+    fresh = mgr.get(xen_lab.name)
+    assert mgr.domain(fresh, PVH)["domid"] != old_id
+    assert f"(id {mgr.domain(fresh, PVH)['domid']}," in proc.stdout
+    assert mgr.exec(xen_lab.name, "echo alive", timeout=60, domain=PVH).stdout.strip() == "alive"
+    assert domain_problems(fresh) == []
 
 
 def test_zz_down_leaves_nothing_behind(lab_manager: LabManager, xen_lab: Lab) -> None:

@@ -151,6 +151,17 @@ def resume(name: str, domain: str | None) -> None:
 
 @lab.command()
 @click.argument("name")
+@click.option("--domain", required=True, help="The C-VM domain to create afresh.")
+def recreate(name: str, domain: str) -> None:
+    """Xen lab: destroy a C-VM domain (crashed, hung) and create it again."""
+    lab = LabManager().recreate_domain(name, domain)
+    dom = LabManager.domain(lab, domain)
+    click.echo(f"C-VM domain {domain} of lab '{name}' recreated (id {dom['domid']}, "
+               f"ready in {dom['ready_seconds']} s)")
+
+
+@lab.command()
+@click.argument("name")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="File for the raw physical memory.")
 @FORMAT

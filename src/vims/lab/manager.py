@@ -487,6 +487,20 @@ class LabManager:
                 raise LabError(f"dom0: xl {verb} {dom} failed ({proc.returncode}): "
                                f"{detail.splitlines()[-1]}")
 
+    def recreate_domain(self, name: str, domain: str, timeout: float = 300.0) -> Lab:
+        """Xen lab: destroy a C-VM domain and create it again (after a crash, say)."""
+        from vims.lab.xen import recreate_domain
+
+        lab = self.get(name)
+        if lab.hypervisor != "xen":
+            raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
+        self.domain(lab, domain)  # a one-line error for an unknown name
+        with self._locked(name):  # get() reaps under the same lock: take it only now
+            fresh = recreate_domain(lab, domain, timeout)
+            lab.domains = [fresh.__dict__ if d["name"] == domain else d for d in lab.domains]
+            self._save(lab)
+        return lab
+
     def pause(self, name: str, domain: str | None = None) -> Lab:
         """Stop the C-VM: QMP stop, or `xl pause` of its domains on a Xen lab."""
         lab = self.get(name)

@@ -451,6 +451,7 @@ def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: in
     share = lab.dir / "share"
     (share / f"{name}.cfg").write_text(domu_config(name, domu_type, memory_mb))
     log = lab.dir / f"cvm{index}.log"
+    seen = log.stat().st_size if log.exists() else 0  # a recreated domain: its new lines
     tty = f"/dev/ttyS{FIRST_PCI_TTY + index}"
     start = time.monotonic()
     # Over SSH rather than dom0's serial console: under load Xen's console loses bytes
@@ -467,7 +468,7 @@ def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: in
         raise LabError(f"vims-domu-start {name}: no domain id in '{out.strip()[:80]}'") from exc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.exists() and CVM_READY.encode() in log.read_bytes():
+        if log.exists() and CVM_READY.encode() in log.read_bytes()[seen:]:
             break
         if domid in crashed_in_xen_log(lab):
             raise LabError(f"C-VM domain {name} crashed while booting; Xen console: "
@@ -480,6 +481,21 @@ def create_domain(lab: Lab, index: int, name: str, domu_type: str, memory_mb: in
     return Domain(name=name, type=domu_type, memory_mb=memory_mb, domid=domid,
                   console_socket=str(lab.dir / f"cvm{index}.sock"), console_log=str(log),
                   dom0_tty=tty, ready_seconds=round(time.monotonic() - start, 2))
+
+
+def recreate_domain(lab: Lab, name: str, timeout: float) -> Domain:
+    """Destroy C-VM domain ``name`` (crashed, hung or running) and create it afresh.
+
+    The same config, console port and share; Xen gives it a new domain id.
+    """
+    index = next((i for i, d in enumerate(lab.domains) if d["name"] == name), None)
+    if index is None:
+        raise LabError(f"lab '{lab.name}' has no domain '{name}'")
+    old = Domain.from_dict(lab.domains[index])
+    # The old console bridge and domain go first; either may already be gone.
+    dom0_ssh(lab, f"kill $(cat /run/vims/bridge-{name}.pid) 2>/dev/null; "
+                  f"xl destroy {name} 2>/dev/null; true", timeout=60)
+    return create_domain(lab, index, name, old.type, old.memory_mb, timeout)
 
 
 def boot_xen_lab(spec: LabSpec, ldir: Path,

@@ -55,7 +55,8 @@ DOM0_PACKAGES = (
 # What the A-VM needs in dom0: the runtime's dependencies without the test and
 # lint tools of requirements/runtime.txt.
 _NOT_IN_DOM0 = {
-    "hypothesis", "pytest", "pytest-timeout", "mypy", "mypy_extensions", "ruff",
+    "hypothesis", "pytest", "pytest-timeout", "pytest-rerunfailures", "mypy",
+    "mypy_extensions", "ruff",
     "volatility3", "pefile", "jsonschema", "jsonschema-specifications", "referencing",
     "rpds-py", "librt", "ast_serialize", "iniconfig", "pluggy", "pathspec",
     "sortedcontainers", "opentelemetry-api",
