@@ -496,10 +496,17 @@ class LabManager:
             raise LabError(f"lab '{name}' is a QEMU lab: it has no domains")
         self.domain(lab, domain)  # a one-line error for an unknown name
         with self._locked(name):  # get() reaps under the same lock: take it only now
-            fresh = recreate_domain(lab, domain, timeout)
-            lab.domains = [fresh.__dict__ if d["name"] == domain else d for d in lab.domains]
-            self._save(lab)
-        return lab
+            # The state as it is now, not as get() read it: another command may have
+            # recreated another domain meanwhile, and saving a stale copy would undo it.
+            current = self._load(name)
+            if current is None:
+                raise LabError(f"lab '{name}' went down")
+            fresh = recreate_domain(current, domain, timeout)
+            current.domains = [fresh.__dict__ if d["name"] == domain else d
+                               for d in current.domains]
+            self._save(current)
+        current.state = lab.state
+        return current
 
     def pause(self, name: str, domain: str | None = None) -> Lab:
         """Stop the C-VM: QMP stop, or `xl pause` of its domains on a Xen lab."""
