@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 def rems(tmp_path: Path) -> Iterator[tuple[RemsService, str]]:
     service = RemsService(Store(f"sqlite:///{tmp_path / 'r.db'}"),
                           ec.generate_private_key(ec.SECP256R1()))
-    service.store.put_policy("fast", {"checks": [{"id": "kernel.text", "interval_s": 0.5}],
+    service.store.put_policy("fast", {"checks": [{"id": "kernel.syscall_table",
+                                                  "interval_s": 0.5}],
                                       "stale_after_intervals": 3})
     service.store.assign("cvm1", "fast")
     port = free_port()
@@ -57,7 +58,7 @@ def get(url: str) -> tuple[int, str]:
 def report(hooked: bool = False) -> dict[str, Any]:
     findings = [{"check": "kernel.syscall_table", "severity": "critical",
                  "summary": "syscall 39 hooked"}] if hooked else []
-    return {"result": "fail" if hooked else "pass", "findings": findings,
+    return {"result": "fail" if hooked else "pass", "findings": findings, "processes": [],
             "checks": [{"id": "kernel.syscall_table", "category": "executables",
                         "status": "fail" if hooked else "pass"}]}
 

@@ -12,7 +12,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
 
-from vims.rems.store import GENESIS, DuplicateReport, NewReport, NewVerdict, Store, StoreError
+from vims.rems.store import GENESIS, DuplicateReport, NewReport, Store, StoreError
+from vims.rems.verdict import Verdict
+
+
+def verdict(status: str, vector: dict[str, int], expires_at: float, seq: int) -> Verdict:
+    return Verdict(status, vector, [], {}, expires_at, None, "policy:lab@1", seq)
 
 
 @pytest.fixture
@@ -26,7 +31,7 @@ def test_migrations_are_idempotent_and_sqlite_runs_in_wal(store: Store, tmp_path
     assert again.get_policy("lab") == (1, {"checks": ["kernel.text"]})
     with again.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
 
 
 def test_a_0001_database_upgrades_with_its_verdicts(tmp_path: Path) -> None:
@@ -43,8 +48,10 @@ def test_a_0001_database_upgrades_with_its_verdicts(tmp_path: Path) -> None:
     engine.dispose()
     store = Store(url)
     assert store.verdict("old") == {"cvm": "old", "status": "affirming", "vector": {},
-                                    "issued_at": 1.0, "expires_at": 2.0, "report_seq": 7}
-    store.put_verdict("new", "warning", {"executables": 32}, 3.0, 4.0, 1)
+                                    "issued_at": 1.0, "expires_at": 2.0, "report_seq": 7,
+                                    "policy_id": None, "stale_check": None, "checks": {},
+                                    "reasons": []}
+    store.put_verdict("new", verdict("warning", {"executables": 32}, 4.0, 1), 3.0)
     assert store.verdict("new") is not None
 
 
@@ -77,13 +84,17 @@ def test_reports_are_unique_per_sequence(store: Store) -> None:
     assert (check.ok, check.entries) == (True, 3)  # no audit entry for the refused replay
 
 
+def judge(cvm: str, results: object, view: object, now: float) -> Verdict:
+    return {"a": verdict("affirming", {"executables": 2}, 9.0, 2),
+            "b": verdict("contraindicated", {"executables": 96}, 9.0, 1),
+            "c": verdict("affirming", {}, 9.0, 1)}[cvm]
+
+
 def test_a_batch_is_stored_whole_or_not_at_all(store: Store) -> None:
     digests = store.ingest(
         [NewReport("a", "avm1", 1, GENESIS, {"result": "pass"}),
          NewReport("b", "avm1", 1, GENESIS, {"result": "fail"}, digest="ab" * 32),
-         NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})],
-        [NewVerdict("a", "affirming", {"executables": 2}, 1.0, 9.0, 2),
-         NewVerdict("b", "contraindicated", {"executables": 96}, 1.0, 9.0, 1)])
+         NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})], judge).digests
     assert digests[1] == "ab" * 32
     assert [r["seq"] for r in store.reports("a")] == [2, 1]
     assert store.verdict("b")["status"] == "contraindicated"  # type: ignore[index]
@@ -92,16 +103,15 @@ def test_a_batch_is_stored_whole_or_not_at_all(store: Store) -> None:
     # One replayed report in a batch: none of the batch is kept, the chain is intact.
     with pytest.raises(DuplicateReport, match="already stored"):
         store.ingest([NewReport("c", "avm1", 1, GENESIS, {"result": "pass"}),
-                      NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})],
-                     [NewVerdict("c", "affirming", {}, 2.0, 9.0, 1)])
+                      NewReport("a", "avm1", 2, GENESIS, {"result": "pass"})], judge)
     assert store.reports("c") == []
     assert store.verdict("c") is None
     assert store.verify_audit().entries == 5
 
 
 def test_verdicts_upsert(store: Store) -> None:
-    store.put_verdict("cvm1", "affirming", {"executables": 2}, 10.0, 40.0, 1)
-    store.put_verdict("cvm1", "contraindicated", {"executables": 96}, 11.0, 41.0, 2)
+    store.put_verdict("cvm1", verdict("affirming", {"executables": 2}, 40.0, 1), 10.0)
+    store.put_verdict("cvm1", verdict("contraindicated", {"executables": 96}, 41.0, 2), 11.0)
     v = store.verdict("cvm1")
     assert v is not None
     assert (v["status"], v["vector"], v["report_seq"]) == (
@@ -114,7 +124,7 @@ def test_verdicts_upsert(store: Store) -> None:
 def test_audit_chain_verifies_and_detects_tampering(store: Store) -> None:
     store.put_policy("lab", {"a": 1})
     store.add_report("cvm1", "avm1", 1, GENESIS, {"result": "pass"})
-    store.put_verdict("cvm1", "affirming", {"executables": 2}, 1.0, 2.0, 1)
+    store.put_verdict("cvm1", verdict("affirming", {"executables": 2}, 2.0, 1), 1.0)
     check = store.verify_audit()
     assert (check.ok, check.entries) == (True, 3)
     with store.engine.begin() as conn:  # an insider edits a verdict's audit entry
@@ -180,8 +190,8 @@ def append_concurrently(url: str, rounds: int = 200) -> None:
                 won += 1
             except DuplicateReport:
                 pass
-            store.put_verdict("shared", "affirming", {"executables": 2}, float(seq),
-                              float(seq) + 30, seq)
+            store.put_verdict("shared", verdict("affirming", {"executables": 2},
+                                                float(seq) + 30, seq), float(seq))
         return won
 
     with ThreadPoolExecutor(len(stores)) as pool:  # .result() re-raises a worker's error

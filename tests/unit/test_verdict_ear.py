@@ -1,15 +1,11 @@
-"""Verdicts from reports (default mapping and JMESPath rules) and EAR tokens."""
+"""Verdicts from reports: the default mapping and JMESPath rules (EARs: test_ear.py)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from vims.rems import ear
 from vims.rems.verdict import PolicyError, VerdictPolicy, appraise, tier_name
 
 
@@ -97,41 +93,3 @@ def test_tiers() -> None:
         "contraindicated"]
 
 
-# ------------------------------------------------------------------- EAR
-KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-def test_ear_round_trip_with_a_standard_jwt_library() -> None:
-    now = int(time.time())
-    token = ear.issue("cvm1", appraise(report([HOOK]), POLICY), POLICY, KEY, now, 30)
-    # A relying party needs nothing but PyJWT and the published JWK set.
-    jwk = jwt.PyJWK(ear.jwks(KEY.public_key())["keys"][0])
-    claims = jwt.decode(token, jwk.key, algorithms=["ES256"])
-    sub = claims["submods"]["cvm1"]
-    assert sub["ear.status"] == "contraindicated"
-    assert sub["ear.trustworthiness-vector"]["executables"] == 96
-    assert sub["ear.appraisal-policy-id"] == "policy:lab@3"
-    assert claims["eat_profile"] == ear.EAR_PROFILE
-    assert jwt.get_unverified_header(token)["kid"] == ear.key_id(KEY.public_key())
-    assert ear.verify(token, KEY.public_key())["exp"] == now + 30
-
-
-def test_forged_expired_and_foreign_ears_are_rejected() -> None:
-    now = int(time.time())
-    token = ear.issue("cvm1", appraise(report(), POLICY), POLICY, KEY, now, 30)
-    head, body, sig = token.split(".")
-    forged_body = jwt.utils.base64url_encode(
-        jwt.utils.base64url_decode(body).replace(b"affirming", b"affirmin9")).decode()
-    with pytest.raises(jwt.InvalidSignatureError):
-        ear.verify(f"{head}.{forged_body}.{sig}", KEY.public_key())
-    other = ec.generate_private_key(ec.SECP256R1())
-    with pytest.raises(jwt.InvalidSignatureError):
-        ear.verify(ear.issue("cvm1", appraise(report(), POLICY), POLICY, other, now, 30),
-                   KEY.public_key())
-    with pytest.raises(jwt.ExpiredSignatureError):
-        ear.verify(ear.issue("cvm1", appraise(report(), POLICY), POLICY, KEY, now - 100, 30),
-                   KEY.public_key())
-    unsigned = jwt.encode({"eat_profile": ear.EAR_PROFILE, "iat": now, "exp": now + 30}, None,
-                          algorithm="none")
-    with pytest.raises(jwt.InvalidAlgorithmError):
-        ear.verify(unsigned, KEY.public_key())

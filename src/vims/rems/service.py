@@ -1,27 +1,44 @@
 """The REM-S's decisions: reports in, verdicts (EAR) out, fail closed.
 
-Transport-free: the control channel hands reports to ``ingest_reports``; the
-HTTP API asks ``decision``. A C-VM is allowed only while it has a verdict that
-is trusted under its policy and not expired: no report within the policy's
-staleness limit means the verdict lapses and the gate denies.
+Transport-free: the control channel hands reports to :meth:`RemsService.ingest`;
+the HTTP API asks :meth:`RemsService.decision`. Both go through one appraisal
+(:func:`vims.rems.verdict.appraise_cvm`) over every check the C-VM's policy
+assigns: a C-VM is allowed only while each of those checks has a fresh result,
+none of them failed, and its A-VM's evidence holds.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vims.rems import ear
-from vims.rems.store import NewReport, NewVerdict, Store
-from vims.rems.verdict import Appraisal, VerdictPolicy, appraise
+from vims.rems.policy import DEFAULT_POLICY, PolicyDocument, parse_policy
+from vims.rems.store import Ingested, NewReport, Store, TpmCounters
+from vims.rems.verdict import (
+    TIERS,
+    CheckResult,
+    PolicyError,
+    Verdict,
+    VerdictPolicy,
+    appraise_cvm,
+)
 
-DEFAULT_POLICY: dict[str, Any] = {"name": "default", "version": 1}
 # (taken at, C-VM -> policy name, policy name -> (version, body))
 PolicySnapshot = tuple[float, dict[str, str], dict[str, tuple[int, dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class CvmPolicy:
+    """The policy a C-VM is judged by, or why its stored policy cannot be used."""
+
+    verdict: VerdictPolicy
+    document: PolicyDocument | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,9 @@ class Decision:
     reason: str
     status: str
     ear: str | None = None
+    verdict: Verdict | None = None
+    checks: dict[str, str] = field(default_factory=dict)  # per-check status now
+    insecure_lab: bool = False
 
 
 class RemsService:
@@ -43,17 +63,20 @@ class RemsService:
     """
 
     def __init__(self, store: Store, key: ec.EllipticCurvePrivateKey, verdict_ttl: float = 30.0,
-                 clock: Callable[[], float] = time.time, policy_cache_s: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.time, policy_cache_s: float = 1.0,
+                 issuer: str = "vims-rems", insecure_lab: bool = False) -> None:
         self.store, self.key, self.verdict_ttl, self.clock = store, key, verdict_ttl, clock
         self.policy_cache_s = policy_cache_s
+        self.issuer, self.insecure_lab = issuer, insecure_lab
         self._snapshot: PolicySnapshot | None = None
-        self._policies: dict[str, tuple[VerdictPolicy, dict[str, Any]]] = {}
+        self._policies: dict[str, CvmPolicy] = {}
         self._ears: dict[str, tuple[tuple[Any, ...], str]] = {}
 
     def invalidate_policies(self) -> None:
         self._snapshot = None
 
-    def verdict_policy(self, cvm: str) -> tuple[VerdictPolicy, dict[str, Any]]:
+    def policy(self, cvm: str) -> CvmPolicy:
+        """The C-VM's assigned policy (the default one when none is assigned)."""
         now = time.monotonic()
         if self._snapshot is None or now - self._snapshot[0] >= self.policy_cache_s:
             # All assignments and policies at once: two queries a second, whatever the
@@ -66,61 +89,108 @@ class RemsService:
         _, assigned, policies = self._snapshot
         name = assigned.get(cvm)
         stored = policies.get(name) if name else None
-        body: dict[str, Any] = stored[1] if stored else dict(DEFAULT_POLICY)
-        verdict: dict[str, Any] = body.get("verdict") or {}
-        policy = VerdictPolicy.from_dict({"name": body.get("name", name or "default"),
-                                          "version": stored[0] if stored else 1, **verdict})
-        self._policies[cvm] = (policy, body)
-        return policy, body
+        if stored is None:
+            found = CvmPolicy(DEFAULT_POLICY.verdict_policy(1), DEFAULT_POLICY)
+        else:
+            version, body = stored
+            try:
+                doc = parse_policy(body, name)
+                found = CvmPolicy(doc.verdict_policy(version), doc)
+            except PolicyError as exc:  # stored by an older REM-S: judge nothing by it
+                found = CvmPolicy(VerdictPolicy(name=str(name), version=version), None,
+                                  f"policy {name} v{version} is invalid: {exc}")
+        self._policies[cvm] = found
+        return found
 
-    def ttl_for(self, body: dict[str, Any]) -> float:
-        """Staleness limit: k x the slowest check interval of the policy (fail closed)."""
-        intervals = [c.get("interval_s", 10) for c in body.get("checks", [])
-                     if isinstance(c, dict)]
-        k = body.get("stale_after_intervals", 3)
-        return float(max(intervals) * k) if intervals else self.verdict_ttl
+    def verdict_policy(self, cvm: str) -> VerdictPolicy:
+        return self.policy(cvm).verdict
 
-    def ingest_reports(self, items: Sequence[NewReport]) -> list[Appraisal]:
-        """Appraise verified reports and store them with the new verdicts, in one go."""
-        now = self.clock()
-        appraisals: list[Appraisal] = []
-        verdicts: dict[str, NewVerdict] = {}  # the last report of a C-VM sets its verdict
-        for item in items:
-            policy, body = self.verdict_policy(item.cvm)
-            appraisal = appraise(item.body, policy)
-            appraisals.append(appraisal)
-            verdicts[item.cvm] = NewVerdict(item.cvm, appraisal.status, appraisal.vector, now,
-                                            now + self.ttl_for(body), item.seq)
-        self.store.ingest(items, list(verdicts.values()))
-        return appraisals
+    # ------------------------------------------------------------ appraisal
+    def judge(self, cvm: str, results: Mapping[str, CheckResult],
+              view: Mapping[str, Any] | None, now: float) -> Verdict:
+        """The C-VM's verdict over its whole policy (the store calls it while ingesting)."""
+        p = self.policy(cvm)
+        if p.document is None:
+            vector = {"configuration": TIERS["contraindicated"]}
+            return Verdict("contraindicated", vector, [p.error or "no usable policy"], {}, now,
+                           None, p.verdict.id)
+        return appraise_cvm(p.verdict, p.document.expected(),
+                            p.document.stale_after_intervals, results, view, now)
+
+    def ingest(self, reports: Sequence[NewReport], results: Sequence[tuple[str, CheckResult]] = (),
+               audits: Sequence[tuple[str, str, dict[str, Any]]] = (),
+               counters: Mapping[str, TpmCounters] | None = None) -> Ingested:
+        """Store verified reports (and evidence results), with each C-VM's new verdict."""
+        return self.store.ingest(reports, self.judge, results, self.clock(), audits, counters)
+
+    def ingest_reports(self, items: Sequence[NewReport]) -> list[Verdict]:
+        """Store verified reports; each report's C-VM verdict after the batch, in order."""
+        done = self.ingest(items)
+        return [done.verdicts[item.cvm] for item in items]
 
     def ingest_report(self, avm_id: str, cvm: str, seq: int, prev_hash: str,
-                      report: dict[str, Any], digest: str | None = None) -> Appraisal:
-        """Store one verified report, appraise it and publish the new verdict."""
+                      report: dict[str, Any], digest: str | None = None) -> Verdict:
+        """Store one verified report; the C-VM's new verdict."""
         return self.ingest_reports([NewReport(cvm, avm_id, seq, prev_hash, report, digest)])[0]
 
-    def _ear(self, cvm: str, verdict: dict[str, Any], policy: VerdictPolicy) -> str:
+    def verdict(self, cvm: str) -> Verdict | None:
+        """The C-VM's verdict under its *current* policy.
+
+        The stored verdict was judged when its last result arrived; if the
+        policy changed since, the C-VM is judged again over its stored results
+        (not written back: the next ingest stores its own).
+        """
+        row = self.store.verdict(cvm)
+        if row is None:
+            return None
+        stored = self.store.verdict_of(row)
+        if stored.policy_id == self.policy(cvm).verdict.id:
+            return stored
+        return self.judge(cvm, self.store.check_results(cvm), self.store.latest_view(cvm),
+                          float(row["issued_at"]))
+
+    # ------------------------------------------------------------- decisions
+    def _ear(self, cvm: str, v: Verdict, issued_at: float, now: float,
+             nonce: str | None) -> str:
         """The verdict's EAR, valid from its issue to its expiry; signed once per verdict."""
-        key = (verdict["issued_at"], verdict["expires_at"], verdict["report_seq"],
-               verdict["status"], policy.id)
+        checks = v.states_at(now)
+        key = (issued_at, v.expires_at, v.report_seq, v.status, v.policy_id,
+               tuple(sorted(checks.items())))
         cached = self._ears.get(cvm)
-        if cached is not None and cached[0] == key:
+        if nonce is None and cached is not None and cached[0] == key:
             return cached[1]
-        issued = int(verdict["issued_at"])
-        token = ear.issue(cvm, Appraisal(verdict["vector"], []), policy, self.key, issued,
-                          max(1, int(verdict["expires_at"]) - issued))
-        self._ears[cvm] = (key, token)
+        iat = int(issued_at)
+        token = ear.issue(cvm, status=v.status, vector=v.vector, policy_id=v.policy_id,
+                          checks=checks, key=self.key, iat=iat,
+                          exp=max(iat + 1, int(v.expires_at)), issuer=self.issuer,
+                          nonce=nonce, insecure_lab=self.insecure_lab)
+        if nonce is None:
+            self._ears[cvm] = (key, token)
         return token
 
-    def decision(self, cvm: str) -> Decision:
-        verdict = self.store.verdict(cvm)
-        if verdict is None:
-            return Decision(False, "unknown C-VM: no verdict", "none")
-        if verdict["expires_at"] <= self.clock():
-            return Decision(False, "stale: no fresh report within the staleness limit",
-                            verdict["status"])
-        policy, _ = self.verdict_policy(cvm)
-        status = verdict["status"]
-        trusted = status == "affirming" or (status == "warning" and policy.allow_warning)
-        return Decision(trusted, "trusted" if trusted else f"untrusted: {status}", status,
-                        self._ear(cvm, verdict, policy))
+    def decision(self, cvm: str, nonce: str | None = None) -> Decision:
+        """May *cvm* pass the gate now? With its EAR when it may (``nonce``: eat_nonce)."""
+        row = self.store.verdict(cvm)
+        lab = self.insecure_lab
+        if row is None:
+            return Decision(False, "unknown C-VM: no verdict", "none", insecure_lab=lab)
+        v = self.verdict(cvm)
+        assert v is not None
+        now = self.clock()
+        checks = v.states_at(now)
+        policy = self.policy(cvm)
+        if policy.error:
+            return Decision(False, f"untrusted: {policy.error}", v.status, None, v, checks, lab)
+        if v.expires_at <= now:
+            stale = sorted(c for c, st in checks.items() if st == "stale")
+            what = (f"{', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''} "
+                    f"{'has' if len(stale) == 1 else 'have'} no fresh result" if stale
+                    else (v.reasons[0] if v.reasons else "no fresh result"))
+            return Decision(False, f"stale: {what}", v.status, None, v, checks, lab)
+        trusted = v.trusted(policy.verdict)
+        if not trusted:
+            why = "; ".join(r for r in v.reasons if "not applicable" not in r)[:300]
+            return Decision(False, f"untrusted: {v.status}: {why}" if why else
+                            f"untrusted: {v.status}", v.status, None, v, checks, lab)
+        return Decision(True, "trusted", v.status,
+                        self._ear(cvm, v, float(row["issued_at"]), now, nonce), v, checks, lab)
