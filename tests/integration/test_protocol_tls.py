@@ -22,7 +22,7 @@ from vims.protocol.events import (
 )
 from vims.protocol.messages import Capabilities
 from vims.protocol.pki import CertificateAuthority, client_context, server_context
-from vims.protocol.testing import FakeVtpm, default_policy
+from vims.protocol.testing import FakeVtpm, default_policy, report_body
 from vims.protocol.transport import Session, connect, serve
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ async def _collect(session: Session, events: list[Event], reports: int) -> None:
         events.append(event)
         if isinstance(event, HandshakeComplete):
             for i in range(reports):
-                session.send_report("web", {"i": i})
+                session.send_report("web", report_body(i=i))
         if session.conn.closed or (
             isinstance(event, ReportAcked) and event.seq == reports
         ):

@@ -41,7 +41,7 @@ from vims.protocol.messages import (
     quote_qualifying_data,
     report_digest,
 )
-from vims.protocol.testing import FakeVtpm, Pair, default_policy
+from vims.protocol.testing import FakeVtpm, Pair, default_policy, report_body
 
 
 def received(events: list[Any]) -> list[tuple[str, int]]:
@@ -97,7 +97,7 @@ def test_handshake_completes_on_both_sides() -> None:
 def test_reports_are_chained_acked_and_quoted_every_n() -> None:
     pair = active_pair(policy=default_policy(quote_every=3))
     for i in range(7):
-        pair.report("web", {"i": i})
+        pair.report("web", report_body(i=i))
     got = [e for e in pair.rems_events if isinstance(e, ReportReceived)]
     assert [e.seq for e in got] == [1, 2, 3, 4, 5, 6, 7]
     assert [e.quoted for e in got] == [False, False, True, False, False, True, False]
@@ -136,7 +136,7 @@ def test_policy_update_is_pushed_acked_and_enforced_after_ack() -> None:
 
 def test_reports_queued_before_handshake_are_sent_after_it() -> None:
     pair = Pair()
-    pair.avm.send_report("web", {"early": True}, pair.clock.now)
+    pair.avm.send_report("web", report_body(early=True), pair.clock.now)
     pair.handshake()
     assert received(pair.rems_events) == [("web", 1)]
 
@@ -172,19 +172,19 @@ def test_handshake_timeout() -> None:
 def test_reconnect_resumes_without_loss_or_duplicates() -> None:
     pair = active_pair(policy=default_policy(quote_every=2))
     for i in range(3):
-        pair.report("web", {"i": i})
+        pair.report("web", report_body(i=i))
     # Two more reach the REM-S but their acks are lost with the connection,
     # and two more never leave the A-VM.
-    pair.avm.send_report("web", {"i": 3}, pair.clock.now)
-    pair.avm.send_report("web", {"i": 4}, pair.clock.now)
+    pair.avm.send_report("web", report_body(i=3), pair.clock.now)
+    pair.avm.send_report("web", report_body(i=4), pair.clock.now)
     pair.rems.receive_data(pair.avm.data_to_send(), pair.clock.now)
     pair.rems_events.extend(pair.rems.events())
     pair.drop()
-    pair.avm.send_report("web", {"i": 5}, pair.clock.now)
-    pair.avm.send_report("db", {"i": 0}, pair.clock.now)
+    pair.avm.send_report("web", report_body(i=5), pair.clock.now)
+    pair.avm.send_report("db", report_body(i=0), pair.clock.now)
     assert [r.seq for r, _ in pair.outbox.unacked("web")] == [4, 5, 6]
     pair.reconnect()
-    pair.report("web", {"i": 6})
+    pair.report("web", report_body(i=6))
     assert received(pair.rems_events) == [("web", s) for s in range(1, 6)] + [
         ("web", 6), ("db", 1), ("web", 7),
     ]
@@ -230,7 +230,7 @@ def test_unknown_type() -> None:
 
 def test_unknown_field() -> None:
     pair = active_pair()
-    pair.avm.send_report("web", {}, pair.clock.now)
+    pair.avm.send_report("web", report_body(), pair.clock.now)
     report = json.loads(pair.avm.data_to_send()[HEADER.size:])
     report["extra"] = 1
     pair.rems.receive_data(raw(report), pair.clock.now)
@@ -257,7 +257,7 @@ def test_oversized_frame_refused_from_its_header() -> None:
 def test_oversized_report_body_refused() -> None:
     pair = active_pair()
     with pytest.raises(ValueError, match="limit"):
-        pair.avm.send_report("web", {"blob": "x" * (1024 * 1024)}, pair.clock.now)
+        pair.avm.send_report("web", report_body(blob="x" * (1024 * 1024)), pair.clock.now)
 
 
 def test_report_before_policy_ack() -> None:
@@ -268,7 +268,7 @@ def test_report_before_policy_ack() -> None:
     fresh.rems.receive_data(fresh.avm.data_to_send(), fresh.clock.now)  # evidence
     assert fresh.rems.state is State.POLICY_SENT
     fresh.rems.data_to_send()
-    early = Report(cvm="web", seq=1, prev_hash=ZERO_HASH, body={})
+    early = Report(cvm="web", seq=1, prev_hash=ZERO_HASH, body=report_body())
     fresh.rems.receive_data(encode_frame(encode_message(early)), fresh.clock.now)
     assert_refused(fresh, "unexpected_message")
     assert received(fresh.rems_events) == []
@@ -285,7 +285,7 @@ def test_evidence_twice() -> None:
 
 
 def _tampered_report(pair: Pair, **changes: Any) -> bytes:
-    pair.avm.send_report("web", {"n": 1}, pair.clock.now)
+    pair.avm.send_report("web", report_body(n=1), pair.clock.now)
     frame = pair.avm.data_to_send()
     report = decode_message(frame[HEADER.size:])
     assert isinstance(report, Report)
@@ -294,7 +294,7 @@ def _tampered_report(pair: Pair, **changes: Any) -> bytes:
 
 def test_replayed_report() -> None:
     pair = active_pair()
-    pair.avm.send_report("web", {}, pair.clock.now)
+    pair.avm.send_report("web", report_body(), pair.clock.now)
     frame = pair.avm.data_to_send()
     pair.rems.receive_data(frame, pair.clock.now)
     pair.rems_events.extend(pair.rems.events())
@@ -337,7 +337,8 @@ def test_quote_bound_to_another_report_is_refused() -> None:
 
 def test_report_for_unannounced_cvm() -> None:
     pair = active_pair()
-    frame = encode_frame(encode_message(Report(cvm="other", seq=1, prev_hash=ZERO_HASH, body={})))
+    frame = encode_frame(encode_message(Report(cvm="other", seq=1, prev_hash=ZERO_HASH,
+                                               body=report_body())))
     pair.rems.receive_data(frame, pair.clock.now)
     assert_refused(pair, "unknown_cvm")
 
@@ -352,7 +353,7 @@ def test_verify_evidence_failure_closes() -> None:
     remote = [e for e in pair.avm_events if isinstance(e, ProtocolError)]
     assert remote[0].remote
     assert "PCR17" in remote[0].message
-    pair.avm.send_report("web", {}, pair.clock.now)
+    pair.avm.send_report("web", report_body(), pair.clock.now)
     pair.pump()
     assert received(pair.rems_events) == []
 
@@ -373,7 +374,7 @@ def test_identity_mismatch() -> None:
 
 def test_forged_ack_is_refused_by_the_avm() -> None:
     pair = active_pair()
-    pair.avm.send_report("web", {}, pair.clock.now)
+    pair.avm.send_report("web", report_body(), pair.clock.now)
     pair.avm.data_to_send()
     pair.avm.receive_data(raw({"type": "report_ack", "version": 1, "cvm": "web", "seq": 2}),
                           pair.clock.now)
@@ -385,7 +386,7 @@ def test_diverged_chain_on_resume() -> None:
     pair = active_pair()
     pair.report("web")
     pair.drop()
-    other = Report(cvm="web", seq=1, prev_hash=ZERO_HASH, body={"forged": True})
+    other = Report(cvm="web", seq=1, prev_hash=ZERO_HASH, body=report_body(forged=True))
     pair.ledger.advance("avm-1", "web", ChainHead(seq=1, digest=report_digest(other).hex()))
     pair.reconnect()
     assert "resume_diverged" in errors(pair.avm_events)
@@ -404,7 +405,7 @@ def test_requested_round_is_quoted_over_its_own_nonce() -> None:
     pair.pump()
     assert _requested(pair) == [RoundRequested(request_id, "db")]
     quotes_before = pair.vtpm.quotes
-    pair.avm.send_report("db", {"fresh": True}, pair.clock.now, request_id=request_id)
+    pair.avm.send_report("db", report_body(fresh=True), pair.clock.now, request_id=request_id)
     pair.pump()
     got = [e for e in pair.rems_events if isinstance(e, ReportReceived)]
     assert [(e.cvm, e.request_id, e.quoted) for e in got] == [("db", request_id, True)]
@@ -425,7 +426,7 @@ def test_bad_answers_to_a_round_request_are_refused(cvm: str, quoted_over: str |
     pair = active_pair(policy=default_policy(quote_every=100))
     request_id = pair.rems.request_round("web", pair.clock.now)
     pair.pump()
-    report = Report(cvm=cvm, seq=1, prev_hash=ZERO_HASH, body={}, request_id=request_id)
+    report = Report(cvm=cvm, seq=1, prev_hash=ZERO_HASH, body=report_body(), request_id=request_id)
     if quoted_over is not None:
         nonce = pair.rems._nonce if quoted_over == "session_nonce" else pair.rems._rounds[
             request_id][1]
@@ -440,7 +441,7 @@ def test_round_requests_are_bounded_and_checked() -> None:
     with pytest.raises(ValueError, match="not guarded"):
         pair.rems.request_round("other", pair.clock.now)
     with pytest.raises(ValueError, match="no pending round request"):
-        pair.avm.send_report("web", {}, pair.clock.now, request_id="00" * 8)
+        pair.avm.send_report("web", report_body(), pair.clock.now, request_id="00" * 8)
     for _ in range(MAX_PENDING_ROUNDS):
         pair.rems.request_round("web", pair.clock.now)
     with pytest.raises(RuntimeError, match="already pending"):
@@ -459,7 +460,7 @@ def test_request_from_a_lost_connection_is_an_ordinary_report_after_reconnect() 
     request_id = pair.rems.request_round("web", pair.clock.now)
     pair.pump()
     pair.drop()
-    pair.avm.send_report("web", {"late": True}, pair.clock.now, request_id=request_id)
+    pair.avm.send_report("web", report_body(late=True), pair.clock.now, request_id=request_id)
     pair.reconnect()
     got = [e for e in pair.rems_events if isinstance(e, ReportReceived)]
     assert [(e.seq, e.request_id, e.quoted) for e in got] == [(1, None, False)]

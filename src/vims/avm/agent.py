@@ -22,7 +22,7 @@ from typing import Any
 
 from vims import baseline as baseline_mod
 from vims.avm.config import AvmConfig, CvmConfig
-from vims.avm.evidence import VtpmEvidence, agent_code_digest
+from vims.avm.evidence import VtpmEvidence, launch_items
 from vims.checks import ALL_CHECKS, DEFAULT_CHECKS
 from vims.checks.base import CheckError
 from vims.checks.cli import lab_pauser
@@ -126,8 +126,15 @@ class CvmTarget:
                                  self.history, params, tracing)
         except Exception as exc:  # noqa: BLE001 - a C-VM we cannot read is reported, not fatal
             self.mem = None
-            return {"result": "error", "error": str(exc), "checks": [], "findings": [],
-                    "target": target, "processes": [], "modules": []}
+            # Each check of the round is reported as failed to run, so the REM-S judges
+            # them now (error tier) instead of only when their results go stale.
+            error = f"{type(exc).__name__}: {exc}"[:1000]
+            return {"result": "error", "error": error, "findings": [], "target": target,
+                    "processes": [], "modules": [],
+                    "checks": [{"id": cid, "status": "error", "error": error, "findings": 0,
+                                "duration_ms": 0.0, "severity": str(ALL_CHECKS[cid].severity),
+                                "category": str(ALL_CHECKS[cid].category)}
+                               for cid in dict.fromkeys(ids) if cid in ALL_CHECKS]}
 
     def close(self) -> None:
         with self.lock:
@@ -170,15 +177,7 @@ class Agent:
         self._attested = False  # this connection got through the handshake
 
     def _launch_items(self) -> list[tuple[str, str, bytes]]:
-        items = [("agent-code", "vims runtime sources", agent_code_digest()),
-                 ("agent-config", "agent configuration",
-                  self.config.model_dump_json().encode())]
-        for c in self.config.cvms:
-            for kind, path in (("profile", c.profile), ("baseline", c.baseline),
-                               ("local-policy", c.policy)):
-                if path is not None:
-                    items.append((kind, f"{c.name}: {Path(path).name}", Path(path).read_bytes()))
-        return items
+        return launch_items(self.config)
 
     def _connection(self) -> AvmConnection:
         return AvmConnection(

@@ -46,16 +46,38 @@ def run(config_path: Path, verbose: bool) -> None:
 
 @avm.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
-@click.option("--rems-url", required=True, help="The REM-S HTTP API, e.g. http://rems:8080")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def measure(config_path: Path, fmt: str) -> None:
+    """What the agent will measure into PCR 23 (kind, subject, SHA-256), without a TPM.
+
+    The operator approves these digests at the REM-S (PUT
+    /v1/avms/A/references/KIND, /v1/cvms/C/references/KIND; the avm role does
+    it): an A-VM whose agent code, configuration, or a C-VM's profile, baseline
+    or local policy differs from what was approved is not believed.
+    """
+    from vims.avm.evidence import measurements
+
+    events = measurements(config_mod.load(config_path))
+    if fmt == "json":
+        click.echo(json.dumps(events, indent=1))
+    else:
+        for e in events:
+            click.echo(f"{e['kind']:<13} {e['subject']:<20} {e['digest']}")
+
+
+@avm.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--rems-url", required=True, help="The REM-S HTTP API, e.g. https://rems:8080")
 @click.option("--token-file", type=click.Path(path_type=Path), required=True,
-              help="File holding the REM-S operator token.")
+              help="File holding this A-VM's enrollment token (or an operator token).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def enroll(config_path: Path, rems_url: str, token_file: Path, fmt: str) -> None:
     """Enroll this A-VM's vTPM with the REM-S (EK chain, credential activation).
 
     Creates the A-VM's key and gets its control-channel certificate from the
-    REM-S CA when the configured certificate does not exist yet. Exit 0
-    enrolled, 1 refused by the REM-S, 2 error.
+    REM-S CA when the configured certificate does not exist yet. An https REM-S
+    is verified against the config's ``ca`` (the REM-S CA). Exit 0 enrolled,
+    1 refused by the REM-S, 2 error.
     """
     from vims.avm.enroll import enroll as do_enroll
 

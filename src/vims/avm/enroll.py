@@ -11,6 +11,7 @@ Running it again with the same vTPM changes nothing.
 from __future__ import annotations
 
 import base64
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
         return load_or_create_key(path)
     except ValueError as exc:  # also an unreadable PEM
         raise VimsError(f"A-VM key {path}: {exc}") from exc
+
+
+def rems_tls(ca: Path) -> ssl.SSLContext:
+    """Verification of an https REM-S: against its CA when the A-VM has it."""
+    ctx = ssl.create_default_context()
+    if ca.exists():
+        ctx.load_verify_locations(cafile=str(ca))
+    return ctx
 
 
 def _csr(avm_id: str, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -83,7 +92,7 @@ def enroll(config: AvmConfig, rems_url: str, token: str, timeout: float = 30.0) 
     csr = _csr(config.avm_id, load_key(config.key)) if need_cert else None
     b64 = base64.b64encode
     with Attester(config.tpm_tcti) as tpm, httpx.Client(
-            base_url=rems_url, timeout=timeout,
+            base_url=rems_url, timeout=timeout, verify=rems_tls(config.ca),
             headers={"Authorization": f"Bearer {token}"}) as client:
         tpm.create_ak()
         challenge = _post(client, "/v1/enroll", {

@@ -15,8 +15,9 @@ import hashlib
 from pathlib import Path
 
 import vims
+from vims.avm.config import AvmConfig
+from vims.errors import VimsError
 from vims.protocol.messages import EventLogEntry, Evidence, Quote
-from vims.tpm.attester import Attester
 from vims.tpm.eventlog import AGENT_PCR, EventLog
 
 LAUNCH_PCR = 17
@@ -33,10 +34,41 @@ def agent_code_digest() -> bytes:
     return h.digest()
 
 
+def launch_items(config: AvmConfig) -> list[tuple[str, str, bytes]]:
+    """What the agent measures into PCR 23 at start, as (kind, subject, data).
+
+    The subject is the A-VM for its code and configuration and the C-VM for its
+    profile, baseline and local policy: the REM-S compares each event with the
+    digest the operator approved for that (kind, subject).
+    """
+    items = [("agent-code", config.avm_id, agent_code_digest()),
+             ("agent-config", config.avm_id, config.model_dump_json().encode())]
+    for c in config.cvms:
+        for kind, path in (("profile", c.profile), ("baseline", c.baseline),
+                           ("local-policy", c.policy)):
+            if path is None:
+                continue
+            try:
+                items.append((kind, c.name, Path(path).read_bytes()))
+            except OSError as exc:
+                raise VimsError(f"C-VM {c.name}: {kind} {path}: {exc.strerror}") from exc
+    return items
+
+
+def measurements(config: AvmConfig) -> list[dict[str, str]]:
+    """The PCR 23 events the agent will log (what ``vims avm measure`` prints)."""
+    return [{"kind": kind, "subject": subject, "digest": hashlib.sha256(data).hexdigest(),
+             "scope": "avm" if kind.startswith("agent-") else "cvm"}
+            for kind, subject, data in launch_items(config)]
+
+
 class VtpmEvidence:
     """Measured launch + quotes through one attester (swtpm in the lab, /dev/tpmrm0 else)."""
 
     def __init__(self, tcti: str) -> None:
+        # tpm2-pytss only where a TPM is used, not for `vims avm measure`.
+        from vims.tpm.attester import Attester
+
         self.attester = Attester(tcti)
         self.attester.create_ak()
         self.log = EventLog()

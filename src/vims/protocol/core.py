@@ -13,6 +13,7 @@ All state changes go through :func:`next_state` and the single
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -68,6 +69,7 @@ __all__ = [
     "AvmConnection",
     "EvidenceProvider",
     "EvidenceVerifier",
+    "HelloAuthorizer",
     "PolicyProvider",
     "RemsConnection",
     "ReportQuoteVerifier",
@@ -75,6 +77,7 @@ __all__ = [
     "Role",
     "State",
     "VerificationResult",
+    "bind_nonce",
     "next_state",
 ]
 
@@ -150,6 +153,9 @@ class VerificationResult:
     reason: str = ""
 
 
+HelloAuthorizer = Callable[[Hello], VerificationResult]
+"""REM-S: ``authorize(hello)``: may this A-VM speak for every C-VM it names? Asked
+before the challenge, which reveals the C-VMs' chain heads."""
 EvidenceVerifier = Callable[[Hello, bytes, Evidence], VerificationResult]
 """REM-S: ``verify_evidence(hello, nonce, evidence)`` appraises the handshake quote."""
 PolicyProvider = Callable[[Hello], PolicySpec]
@@ -161,6 +167,20 @@ EvidenceProvider = Callable[[bytes], Evidence]
 """A-VM: ``make_evidence(nonce)`` quotes the vTPM over the challenge nonce."""
 ReportQuoter = Callable[[bytes], Quote]
 """A-VM: ``quote_report(qualifying_data)`` quotes the vTPM over the given 32 bytes."""
+
+
+CHANNEL_BINDING_LABEL = b"vims-channel-binding/1\0"
+
+
+def bind_nonce(nonce: bytes, channel_binding: bytes) -> bytes:
+    """What a quote must carry for *nonce* on a channel with *channel_binding*.
+
+    SHA256(label || nonce || binding): the REM-S's nonce proves freshness, the
+    TLS channel binding proves the quote was made for this very connection, so
+    evidence cannot be relayed from another session (a relay terminating TLS
+    twice sees two different bindings).
+    """
+    return hashlib.sha256(CHANNEL_BINDING_LABEL + nonce + channel_binding).digest()
 
 
 class _ProtocolViolation(Exception):
@@ -196,8 +216,19 @@ class _Endpoint:
         self._started = 0.0
         self._last_rx = 0.0
         self._last_tx = 0.0
+        self._channel_binding = b""
 
     # -- public API ---------------------------------------------------------
+
+    def bind_channel(self, channel_binding: bytes) -> None:
+        """The transport's channel binding (TLS); set before any message flows."""
+        if self._state not in (State.IDLE, State.AWAIT_HELLO):
+            raise RuntimeError("the channel binding is set before the handshake")
+        self._channel_binding = bytes(channel_binding)
+
+    @property
+    def channel_binding(self) -> bytes:
+        return self._channel_binding
 
     @property
     def state(self) -> State:
@@ -426,7 +457,7 @@ class AvmConnection(_Endpoint):
             raise _ProtocolViolation("unknown_cvm", f"{msg.cvm} was not named in the hello")
         if msg.request_id in self._rounds or len(self._rounds) >= MAX_PENDING_ROUNDS:
             raise _ProtocolViolation("too_many_rounds", "duplicate or too many round requests")
-        self._rounds[msg.request_id] = bytes.fromhex(msg.nonce)
+        self._rounds[msg.request_id] = bind_nonce(bytes.fromhex(msg.nonce), self._channel_binding)
         self._events.append(RoundRequested(msg.request_id, msg.cvm))
 
     def _on_challenge(self, msg: Challenge, now: float) -> None:
@@ -438,7 +469,7 @@ class AvmConnection(_Endpoint):
                 self.outbox.resume(cvm, head)
             except ResumeError as exc:
                 raise _ProtocolViolation(exc.code, str(exc)) from None
-        self._nonce = bytes.fromhex(msg.nonce)
+        self._nonce = bind_nonce(bytes.fromhex(msg.nonce), self._channel_binding)
         try:
             evidence = self._make_evidence(self._nonce)
         except Exception as exc:  # noqa: BLE001 - a vTPM failure ends this session only
@@ -520,6 +551,7 @@ class RemsConnection(_Endpoint):
         ledger: ChainLedger,
         now: float,
         peer_avm_id: str | None = None,
+        authorize: HelloAuthorizer | None = None,
         defer_acks: bool = False,
         nonce_source: Callable[[int], bytes] = os.urandom,
         max_frame: int = DEFAULT_MAX_FRAME,
@@ -533,6 +565,7 @@ class RemsConnection(_Endpoint):
             timeout_factor=timeout_factor,
         )
         self.peer_avm_id = peer_avm_id
+        self._authorize = authorize
         # Deferred: the application acks (ack_report) once the report is durably stored.
         self._defer_acks = defer_acks
         self._verify_evidence = verify_evidence
@@ -594,9 +627,13 @@ class RemsConnection(_Endpoint):
             raise RuntimeError(f"{MAX_PENDING_ROUNDS} round requests already pending")
         request_id = self._nonce_source(8).hex()
         nonce = self._nonce_source(NONCE_BYTES)
-        self._rounds[request_id] = (cvm, nonce)
+        self._rounds[request_id] = (cvm, bind_nonce(nonce, self._channel_binding))
         self._send(RoundRequest(request_id=request_id, cvm=cvm, nonce=nonce.hex()), now)
         return request_id
+
+    def cancel_round(self, request_id: str) -> None:
+        """Forget a round nobody waits for any more; a late answer is just a report."""
+        self._rounds.pop(request_id, None)
 
     def _handlers(self) -> dict[str, Callable[[Any, float], None]]:
         return {
@@ -612,12 +649,20 @@ class RemsConnection(_Endpoint):
                 "identity_mismatch",
                 f"hello names {msg.avm_id!r}, certificate names {self.peer_avm_id!r}",
             )
+        if self._authorize is not None:
+            try:
+                allowed = self._authorize(msg)
+            except Exception as exc:  # noqa: BLE001 - a failing check is a refusal
+                allowed = VerificationResult(False, f"authorizer error: {type(exc).__name__}")
+            if not allowed.ok:
+                raise _ProtocolViolation("not_bound", allowed.reason or "C-VMs not bound")
         self._hello = msg
-        self._nonce = self._nonce_source(NONCE_BYTES)
-        if len(self._nonce) != NONCE_BYTES:
+        nonce = self._nonce_source(NONCE_BYTES)
+        if len(nonce) != NONCE_BYTES:
             raise RuntimeError("nonce_source returned the wrong length")
+        self._nonce = bind_nonce(nonce, self._channel_binding)
         resume = {cvm: self._ledger.head(msg.avm_id, cvm) for cvm in msg.cvms}
-        self._send(Challenge(nonce=self._nonce.hex(), resume=resume), now)
+        self._send(Challenge(nonce=nonce.hex(), resume=resume), now)
 
     def _on_evidence(self, msg: Evidence, now: float) -> None:
         assert self._hello is not None

@@ -61,6 +61,7 @@ __all__ = [
     "Quote",
     "Report",
     "ReportAck",
+    "ReportBody",
     "RoundRequest",
     "canonical_json",
     "decode_message",
@@ -294,6 +295,57 @@ class PolicyAck(_Message):
     digest: Sha256Hex
 
 
+Category = Literal["instance-identity", "configuration", "executables", "file-system",
+                   "hardware", "runtime-opaque", "storage-opaque", "sourced-data"]
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class _BodyPart(BaseModel):
+    # Lax on numbers (a duration may be an int), strict on shape; extra keys pass (a
+    # newer A-VM may add some), but everything the REM-S judges by is checked here.
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+
+class ReportCheck(_BodyPart):
+    """One check's entry in a report body (docs/report.schema.json)."""
+
+    id: CheckId
+    status: Literal["pass", "fail", "error", "not_applicable"]
+    category: Category
+    severity: Severity | None = None
+    error: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    findings: Annotated[int, Field(ge=0)] | None = None
+
+
+class ReportFinding(_BodyPart):
+    """One finding in a report body; its check must be listed in the body's checks."""
+
+    check: CheckId
+    severity: Severity
+    summary: Annotated[str, StringConstraints(max_length=4096)]
+
+
+class ReportBody(_BodyPart):
+    """What the REM-S appraises in a report body: the checks and their findings."""
+
+    result: Literal["pass", "fail", "error"]
+    checks: Annotated[list[ReportCheck], Field(max_length=256)]
+    findings: Annotated[list[ReportFinding], Field(max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReportBody:
+        listed = [c.id for c in self.checks]
+        if len(set(listed)) != len(listed):
+            raise ValueError("a check is listed twice")
+        orphans = {f.check for f in self.findings} - set(listed)
+        if orphans:
+            raise ValueError(f"findings of unlisted checks: {', '.join(sorted(orphans))}")
+        return self
+
+
+_REPORT_BODY: TypeAdapter[ReportBody] = TypeAdapter(ReportBody)
+
+
 class Report(_Message):
     """A-VM -> REM-S: one introspection report of one C-VM, hash-chained."""
 
@@ -315,6 +367,13 @@ class Report(_Message):
             raise ValueError(f"body is not canonical JSON: {exc}") from exc
         if size > MAX_REPORT_BODY:
             raise ValueError(f"body is {size} bytes, limit {MAX_REPORT_BODY}")
+        # The wrong shape is this A-VM's protocol error, never the REM-S's crash later.
+        try:
+            _REPORT_BODY.validate_python(value)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            raise ValueError(f"report body {where}: {err['msg']}"[:300]) from None
         return value
 
 

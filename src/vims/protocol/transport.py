@@ -18,7 +18,7 @@ from vims.protocol.core import AvmConnection, RemsConnection
 from vims.protocol.events import Event
 from vims.protocol.pki import peer_avm_id
 
-__all__ = ["EventHandler", "Session", "connect", "serve"]
+__all__ = ["EventHandler", "Session", "channel_binding", "connect", "serve"]
 
 READ_CHUNK = 64 * 1024
 
@@ -138,6 +138,22 @@ class Session:
             self._done.set()
 
 
+def channel_binding(writer: asyncio.StreamWriter) -> bytes:
+    """The TLS channel binding of a connection, identical on both ends.
+
+    Python's ssl module exposes no RFC 5705/9266 exporter, only ``tls-unique``:
+    under TLS 1.3 that is the handshake's first Finished message, a MAC over the
+    whole transcript (both randoms, the key shares), so it is unique to this
+    connection and two TLS connections spliced together by a relay never share
+    it. The control channel is TLS 1.3 only (see pki.py).
+    """
+    ssl_object = writer.get_extra_info("ssl_object")
+    binding = ssl_object.get_channel_binding("tls-unique") if ssl_object is not None else None
+    if not binding:
+        raise ssl.SSLError("the TLS connection offers no channel binding")
+    return bytes(binding)
+
+
 async def serve(
     host: str,
     port: int,
@@ -149,18 +165,24 @@ async def serve(
 
     The avm_id comes from the verified client certificate; a connection whose
     core does not carry it as ``peer_avm_id`` is refused, so a misconfigured
-    factory cannot switch the identity check off.
+    factory cannot switch the identity check off. Each core is bound to its TLS
+    channel (:func:`channel_binding`) before it reads a byte.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         avm_id = peer_avm_id(writer.get_extra_info("peercert"))
-        if avm_id is None:
+        try:
+            binding = channel_binding(writer)
+        except ssl.SSLError:
+            binding = b""
+        if avm_id is None or not binding:
             writer.close()
             return
         conn = make_connection(avm_id, time.monotonic())
         if conn.peer_avm_id != avm_id:
             writer.close()
             raise RuntimeError("make_connection must set peer_avm_id from its argument")
+        conn.bind_channel(binding)
         session = Session(reader, writer, conn, on_event)
         await session.run()
 
@@ -179,6 +201,11 @@ async def connect(
     reader, writer = await asyncio.open_connection(
         host, port, ssl=ssl_ctx, server_hostname=server_hostname or host
     )
+    try:
+        conn.bind_channel(channel_binding(writer))
+    except ssl.SSLError:
+        writer.close()
+        raise
     session = Session(reader, writer, conn, on_event)
     conn.connect(session.now())
     task = asyncio.create_task(session.run())
