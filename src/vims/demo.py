@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -176,7 +175,7 @@ def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -
                   "stale_after_intervals": 3, "quote_every": 3}
         dep.put("/v1/policies/lab", json.dumps(policy).encode())
         dep.put(f"/v1/cvms/{dep.cvm}/policy", b'{"policy": "lab"}')
-        nginx.configure([GateRoute(dep.cvm, f"127.0.0.1:{port}")], dep.http_url, content)
+        nginx.configure([GateRoute(dep.cvm, f"127.0.0.1:{port}")], dep.gate_url, content)
         nginx.start(wait_url=f"http://127.0.0.1:{port}/")
         dep.start_avm()
         out.print(f"REM-S {dep.http_url} (status page /), A-VM enrolled (EK chain, "
@@ -209,8 +208,9 @@ def attest_and_gate(out: Console, mgr: LabManager, lab: Lab, profile: Profile) -
                 mem.write(slot, original)
         took = until(True, 15)
         out.print(f"hook removed: [green]allowed[/green] again after {took:.1f} s")
-        with urllib.request.urlopen(f"{dep.http_url}/v1/cvms", timeout=5) as r:
-            for row in json.loads(r.read()):
+        status, raw = dep.call("GET", "/v1/cvms", b"")
+        if status == 200:
+            for row in json.loads(raw):
                 vector = ", ".join(f"{k}={v}" for k, v in row["vector"].items() if v)
                 out.print(f"verdict {row['cvm']}: {row['status']} ({vector}); "
                           f"gate {'allows' if row['allowed'] else 'denies'}")

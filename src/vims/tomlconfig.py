@@ -30,6 +30,7 @@ def load_toml(path: Path, model: type[M], section: str, error: type[VimsError]) 
     try:
         return model.model_validate(data.get(section, data))
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise error(f"config {path}: {where}: {first['msg']}") from exc
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise error(f"config {path}: {where + ': ' if where else ''}{msg}") from exc

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import jwt
 import pytest
 
 from tests.conftest import lab_deployment, wait_for
@@ -33,6 +34,7 @@ from vims.gate.nginx import GateRoute, NginxGate
 from vims.lab import Lab, LabManager
 from vims.lab.deploy import LAUNCH_DATA, LabDeployment
 from vims.net import free_port
+from vims.rems.webhooks import ReplayCache, verify_webhook
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -73,7 +75,7 @@ def gate(deployment: LabDeployment) -> Iterator[int]:
     (content / "index.html").chmod(0o644)
     port = free_port()
     nginx = NginxGate(deployment.root / "gate")
-    nginx.configure([GateRoute(deployment.cvm, f"127.0.0.1:{port}")], deployment.http_url,
+    nginx.configure([GateRoute(deployment.cvm, f"127.0.0.1:{port}")], deployment.gate_url,
                     content)
     nginx.start(wait_url=f"http://127.0.0.1:{port}/")
     yield port
@@ -83,13 +85,23 @@ def gate(deployment: LabDeployment) -> Iterator[int]:
 
 @pytest.fixture
 def webhook(deployment: LabDeployment) -> Iterator[list[dict[str, object]]]:
-    """A revocation receiver the REM-S is configured to notify."""
+    """A revocation receiver the REM-S is configured to notify; it keeps only what it
+    could verify (the REM-S's signature from its JWK set, issuer, age, no replay)."""
     received: list[dict[str, object]] = []
+    refused: list[str] = []
+    seen = ReplayCache()
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
+            token = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            status, jwks = deployment.call("GET", "/.well-known/jwks.json", b"")
+            try:
+                received.append(verify_webhook(token, json.loads(jwks), issuer=deployment.http_url,
+                                               seen=seen, max_age_s=60))
+                self.send_response(204)
+            except jwt.InvalidTokenError as exc:
+                refused.append(str(exc))
+                self.send_response(401)
             self.end_headers()
 
         def log_message(self, *args: object) -> None:
@@ -103,6 +115,7 @@ def webhook(deployment: LabDeployment) -> Iterator[list[dict[str, object]]]:
     deployment.rems_config.write_text(config)
     yield received
     server.shutdown()
+    assert refused == []
 
 
 def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, profile_path: Path,
@@ -145,9 +158,9 @@ def test_gate_follows_the_c_vm_integrity(lab: Lab, lab_manager: LabManager, prof
     dep.start_avm()  # restart: re-attests, resumes the report chain
     wait_for(through_gate, 60, step=0.5)
 
-    with urllib.request.urlopen(f"{dep.http_url}/v1/cvms/{dep.cvm}/reports?limit=500",
-                                timeout=10) as resp:
-        reports = json.loads(resp.read())
+    status, raw = dep.call("GET", f"/v1/cvms/{dep.cvm}/reports?limit=500", b"")
+    assert status == 200, raw
+    reports = json.loads(raw)
     seqs = sorted(r["seq"] for r in reports)
     assert seqs == list(range(1, len(seqs) + 1))  # nothing lost, duplicated or reordered
     by_seq = {r["seq"]: r for r in reports}
@@ -187,7 +200,8 @@ def test_attest_on_demand_sees_an_attack_before_the_next_scheduled_round(
     assert clean["status"] == "affirming"
     assert clean["report"]["seq"] == 2  # answered by a new report, not the last stored one
     assert clean["report"]["result"] == "pass"
-    assert clean["claims"]["submods"][dep.cvm]["ear.status"] == "affirming"
+    assert clean["claims"]["submods"][dep.cvm]["ear_status"] == "affirming"
+    assert clean["claims"]["iss"] == dep.http_url
     assert dep.call("POST", f"/v1/attest/{dep.cvm}", token="x" * 20)[0] == 401
 
     with kexec_load_hooked(lab, lab_manager, profile_path):
@@ -254,12 +268,14 @@ def test_two_rems_instances_share_one_postgresql(deployment: LabDeployment) -> N
         dep.start_rems()
         # A second instance: same database, keys and CA; its own ports.
         second = dep.root / "rems-b.toml"
-        http_b = free_port()
+        gate_b = free_port()
         second.write_text(with_keys(dep.rems_config.read_text(),
-                                    http_listen=f"127.0.0.1:{http_b}",
-                                    channel_listen=f"127.0.0.1:{free_port()}"))
+                                    http_listen=f"127.0.0.1:{free_port()}",
+                                    gate_listen=f"127.0.0.1:{gate_b}",
+                                    channel_listen=f"127.0.0.1:{free_port()}",
+                                    audit_checkpoint_file=str(dep.root / "b-checkpoints")))
         dep._spawn("rems-b", ["rems", "serve", "--config", str(second)])
-        b_url = f"http://127.0.0.1:{http_b}"
+        b_url = f"http://127.0.0.1:{gate_b}"
 
         def decision_b() -> int:
             try:

@@ -13,7 +13,8 @@ from vims.avm.config import load as load_avm
 from vims.rems.config import ConfigError
 from vims.rems.config import load as load_rems
 
-REMS_OK = 'admin_token_file = "/t"\nsigning_key = "/k"\n'
+REMS_OK = 'admin_token_file = "/t"\nsigning_key = "/k"\nhttp_tls = false\n'
+TLS = '[rems.tls]\nca_cert = "/c"\nca_key = "/k"\nserver_cert = "/s"\nserver_key = "/sk"\n'
 AVM_OK = ('avm_id = "avm1"\nrems = "127.0.0.1:7443"\ncert = "/c"\nkey = "/k"\nca = "/a"\n'
           '[[avm.cvms]]\nname = "cvm1"\nprofile = "/p"\n')
 
@@ -24,6 +25,12 @@ AVM_OK = ('avm_id = "avm1"\nrems = "127.0.0.1:7443"\ncert = "/c"\nkey = "/k"\nca
     ("[rems]\n" + REMS_OK + "verdict_ttl_s = -1\n", "verdict_ttl_s"),
     ("[rems\n", "Expected"),
     ("[rems]\nsigning_key = '/k'\n", "admin_token_file: Field required"),
+    # Plain HTTP only on loopback; TLS needs certificates; golden values are sha256 hex.
+    ("[rems]\n" + REMS_OK + 'http_listen = "0.0.0.0:8080"\n', "plain HTTP only on a loopback"),
+    ("[rems]\n" + REMS_OK + 'gate_listen = "10.0.0.1:8081"\n', "gate_listen: plain HTTP only"),
+    ("[rems]\n" + REMS_OK.replace("http_tls = false", "http_tls = true"), "needs \\[rems.tls\\]"),
+    ("[rems]\n" + REMS_OK + 'golden_pcrs = { "17" = "abc" }\n', "64 hex digits"),
+    ("[rems]\n" + REMS_OK + 'golden_pcrs = { "24" = "' + "a" * 64 + '" }\n', "not 0-23"),
 ])
 def test_bad_rems_configs(tmp_path: Path, body: str, needle: str) -> None:
     cfg = tmp_path / "rems.toml"
@@ -37,6 +44,9 @@ def test_bad_rems_configs(tmp_path: Path, body: str, needle: str) -> None:
 def test_good_configs_load(tmp_path: Path) -> None:
     (tmp_path / "rems.toml").write_text("[rems]\n" + REMS_OK)
     assert load_rems(tmp_path / "rems.toml").verdict_ttl_s == 30.0
+    tls = REMS_OK.replace("http_tls = false\n", 'http_listen = "0.0.0.0:8443"\n')
+    (tmp_path / "rems.toml").write_text("[rems]\n" + tls + TLS)
+    assert load_rems(tmp_path / "rems.toml").http_url == "https://127.0.0.1:8443"
     (tmp_path / "avm.toml").write_text("[avm]\n" + AVM_OK)
     assert load_avm(tmp_path / "avm.toml").cvms[0].name == "cvm1"
 

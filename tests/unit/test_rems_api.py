@@ -41,7 +41,7 @@ HOOK = {"check": "kernel.syscall_table", "severity": "critical", "summary": "sys
 def rems(tmp_path: Path) -> tuple[RemsService, TestClient, Clock]:
     clock = Clock()
     service = RemsService(Store(f"sqlite:///{tmp_path / 'r.db'}"), KEY, clock=clock)
-    return service, TestClient(create_app(service, TOKEN)), clock
+    return service, TestClient(create_app(service, TOKEN), client=("127.0.0.1", 40000)), clock
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,8 +66,9 @@ def test_clean_then_attacked_then_stale(rems: tuple[RemsService, TestClient, Clo
     assert ok.status_code == 200
     claims = jwt.decode(ok.text, jwt.PyJWK(client.get("/.well-known/jwks.json").json()["keys"][0])
                         .key, algorithms=["ES256"], options={"verify_exp": False})
-    assert claims["submods"]["cvm1"]["ear.status"] == "affirming"
-    assert claims["submods"]["cvm1"]["ear.appraisal-policy-id"] == "policy:lab@1"
+    assert claims["submods"]["cvm1"]["ear_status"] == "affirming"
+    assert claims["submods"]["cvm1"]["ear_appraisal_policy_ids"] == ["policy:lab@1"]
+    assert claims["submods"]["cvm1"]["vims_checks"] == {"kernel.syscall_table": "pass"}
     assert claims["exp"] - claims["iat"] == 6  # 3 x the 2 s interval
 
     service.ingest_report("avm1", "cvm1", 2, GENESIS, report([HOOK]))
@@ -84,10 +85,13 @@ def test_clean_then_attacked_then_stale(rems: tuple[RemsService, TestClient, Clo
     with pytest.raises(DuplicateReport):
         service.ingest_report("avm1", "cvm1", 3, GENESIS, report())
 
-    listed = client.get("/v1/cvms").json()
+    assert client.get("/v1/cvms").status_code == 401  # reads need a token too
+    listed = client.get("/v1/cvms", headers=AUTH).json()
     assert listed[0]["cvm"] == "cvm1"
     assert listed[0]["allowed"] is False
-    assert [r["seq"] for r in client.get("/v1/cvms/cvm1/reports?limit=2").json()] == [3, 2]
+    assert client.get("/v1/cvms/cvm1/reports").status_code == 401
+    assert [r["seq"] for r in client.get("/v1/cvms/cvm1/reports?limit=2",
+                                         headers=AUTH).json()] == [3, 2]
     page = client.get("/")
     assert page.status_code == 200
     assert "cvm1" in page.text
@@ -103,7 +107,10 @@ def test_writes_need_the_operator_token(rems: tuple[RemsService, TestClient, Clo
     assert service.store.get_policy("lab") is None  # nothing stored
     assert client.put("/v1/cvms/cvm1/policy", json={"policy": "lab"}).status_code == 401
     r = client.put("/v1/policies/lab", json=body, headers=AUTH)
-    assert r.json() == {"name": "lab", "version": 1, "changed": True}
+    assert {k: r.json()[k] for k in ("name", "version", "changed")} == {
+        "name": "lab", "version": 1, "changed": True}
+    # Stored as validated, defaults explicit: what every later reader sees.
+    assert r.json()["policy"]["stale_after_intervals"] == 3
     assert client.put("/v1/policies/lab", json=body, headers=AUTH).json()["changed"] is False
 
 
@@ -132,3 +139,90 @@ def test_openapi_spec_is_served(rems: tuple[RemsService, TestClient, Clock]) -> 
                  "/v1/policies/{name}", "/v1/cvms/{cvm}/policy", "/.well-known/jwks.json"):
         assert path in spec["paths"], path
     assert client.get("/v1/decision/bad name!").status_code in (403, 404, 422)
+
+
+def token(client: TestClient, scope: str, **extra: Any) -> dict[str, str]:
+    r = client.post("/v1/tokens", headers=AUTH, json={"scope": scope, **extra})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def test_scoped_tokens(rems: tuple[RemsService, TestClient, Clock]) -> None:
+    """Read tokens read; enrollment tokens enroll their A-VM and nothing else."""
+    service, client, _ = rems
+    body = {"checks": [{"id": "kernel.text", "interval_s": 5}]}
+    assert client.put("/v1/policies/lab", json=body, headers=AUTH).status_code == 200
+    read = token(client, "read", note="dashboard")
+    assert client.get("/v1/policies/lab", headers=read).status_code == 200
+    assert client.get("/v1/cvms", headers=read).status_code == 200
+    assert client.put("/v1/policies/lab", json=body, headers=read).status_code == 403
+    assert client.post("/v1/tokens", json={"scope": "operator"}, headers=read).status_code == 403
+    enroll = token(client, "enroll", avm="avm1")
+    for method, path, payload in [("PUT", "/v1/policies/x", body),
+                                  ("GET", "/v1/policies/lab", None),
+                                  ("GET", "/v1/cvms/cvm1/reports", None),
+                                  ("PUT", "/v1/cvms/cvm1/avm", {"avm": "avm1"}),
+                                  ("POST", "/v1/attest/cvm1", None)]:
+        r = client.request(method, path, json=payload, headers=enroll)
+        assert r.status_code == 403, (method, path, r.status_code)
+    assert service.store.get_policy("x") is None
+    assert service.store.binding_of("cvm1") is None
+    # For another A-VM the enrollment token is refused before any TPM work.
+    r = client.post("/v1/enroll", headers=enroll, json={
+        "avm_id": "avm2", "ek_certificate_b64": "AA==", "ek_public_b64": "AA==",
+        "ak_public_b64": "AA=="})
+    assert r.status_code in (403, 503), r.text
+    expired = token(client, "read", ttl_s=0.001)
+    time.sleep(0.01)
+    assert client.get("/v1/cvms", headers=expired).status_code == 401
+    token_id = client.get("/v1/tokens", headers=AUTH).json()[0]["token_id"]
+    assert client.delete(f"/v1/tokens/{token_id}", headers=AUTH).json()["changed"] is True
+    assert client.get("/v1/cvms", headers=read).status_code == 401  # revoked
+
+
+def test_decisions_and_the_status_page_only_for_the_named_addresses(
+        rems: tuple[RemsService, TestClient, Clock]) -> None:
+    service, _, _ = rems
+    far = TestClient(create_app(service, TOKEN), client=("192.0.2.7", 40000))
+    r = far.get("/v1/decision/cvm1")
+    assert r.status_code == 403
+    assert "may not ask" in r.text
+    assert far.get("/").status_code == 401  # people elsewhere need a read token
+    read = token(far, "read")
+    assert far.get("/", headers=read).status_code == 200
+    assert far.get("/.well-known/jwks.json").status_code == 200  # the public key is public
+
+
+def test_a_cvm_moves_to_another_a_vm_only_explicitly(
+        rems: tuple[RemsService, TestClient, Clock]) -> None:
+    service, client, _ = rems
+    assert client.put("/v1/cvms/cvm1/avm", headers=AUTH, json={"avm": "avm1"}).json()[
+        "changed"] is True
+    assert client.put("/v1/cvms/cvm1/avm", headers=AUTH, json={"avm": "avm1"}).json()[
+        "changed"] is False
+    service.ingest_report("avm1", "cvm1", 1, GENESIS, report())
+    r = client.put("/v1/cvms/cvm1/avm", headers=AUTH, json={"avm": "avm2"})
+    assert r.status_code == 409
+    assert service.store.binding_of("cvm1") == "avm1"
+    assert client.put("/v1/cvms/cvm1/avm", headers=AUTH,
+                      json={"avm": "avm2", "move": True}).status_code == 200
+    assert service.store.binding_of("cvm1") == "avm2"
+    assert service.store.check_results("cvm1") == {}  # nothing avm1 said counts for avm2
+    d = service.decision("cvm1")
+    assert not d.allowed
+    assert "avm2" in str(service.store.verdict("cvm1"))
+
+
+def test_references_are_approved_per_kind(rems: tuple[RemsService, TestClient, Clock]) -> None:
+    _, client, _ = rems
+    digest = "ab" * 32
+    r = client.put("/v1/cvms/cvm1/references/baseline", headers=AUTH, json={"digest": digest})
+    assert r.json()["changed"] is True
+    assert client.put("/v1/cvms/cvm1/references/agent-code", headers=AUTH,
+                      json={"digest": digest}).status_code == 404  # an A-VM's kind
+    assert client.put("/v1/avms/avm1/references/agent-code", headers=AUTH,
+                      json={"digest": "not hex"}).status_code == 422
+    assert client.get("/v1/cvms/cvm1", headers=AUTH).json()["references"] == {
+        "baseline": digest}
+    assert client.delete("/v1/cvms/cvm1/references/baseline", headers=AUTH).json()[
+        "changed"] is True

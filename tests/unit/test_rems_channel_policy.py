@@ -11,6 +11,7 @@ import pytest
 from vims.protocol.core import RemsConnection, State
 from vims.protocol.events import ReportReceived
 from vims.protocol.messages import Capabilities, ChainHead, Hello, policy_digest
+from vims.protocol.testing import report_body
 from vims.rems.config import RemsConfig
 from vims.rems.server import RemsServer
 
@@ -22,7 +23,7 @@ CAPABILITIES = Capabilities(checks=["kernel.text", "kernel.modules", "process.hi
 def rems(tmp_path: Path) -> RemsServer:
     (tmp_path / "token").write_text("t" * 32)
     return RemsServer(RemsConfig(database=f"sqlite:///{tmp_path / 'rems.db'}",
-                                 admin_token_file=tmp_path / "token",
+                                 admin_token_file=tmp_path / "token", http_tls=False,
                                  signing_key=tmp_path / "ear.key"))
 
 
@@ -102,9 +103,12 @@ class FakeSession:
         self.closed = reason
 
 
-def test_writer_acks_after_storing_and_abandons_a_failed_batch(rems: RemsServer) -> None:
-    """Acks only once stored; a batch that fails to store is never acked, its sessions are
-    dropped and their chain heads forgotten, so the A-VMs resend from the stored head."""
+def test_writer_acks_after_storing_and_one_poisoned_report_costs_only_its_own(
+        rems: RemsServer) -> None:
+    """Acks only once stored. A batch that fails is stored again report by report: the
+    report that fails on its own is never acked, its session dropped and its chain head
+    forgotten (the A-VM resends from the stored head); the other A-VM's report in the
+    same batch is stored and acked."""
     acks: list[tuple[str, int]] = []
 
     class Core(RemsConnection):
@@ -115,33 +119,70 @@ def test_writer_acks_after_storing_and_abandons_a_failed_batch(rems: RemsServer)
             acks.append((cvm, seq))
 
     good, bad = FakeSession(Core()), FakeSession(Core())
-    calls = {"n": 0}
-    real = rems.service.ingest_reports
+    rems.store.bind("a", "avm1")
+    rems.store.bind("b", "avm2")
+    real = rems.service.ingest
 
-    def flaky(items: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError("disk full")
-        return real(items)
+    def poisoned(items: Any, *args: Any) -> Any:
+        if any(i.cvm == "b" for i in items):
+            raise ValueError("cannot store this one")
+        return real(items, *args)
 
-    rems.service.ingest_reports = flaky  # type: ignore[method-assign]
+    rems.service.ingest = poisoned  # type: ignore[method-assign]
 
-    def event(cvm: str, seq: int) -> ReportReceived:
-        return ReportReceived("avm1", cvm, seq, f"{seq:064x}", False, {"result": "pass"})
+    def event(avm: str, cvm: str, seq: int) -> ReportReceived:
+        return ReportReceived(avm, cvm, seq, f"{seq:064x}", False, report_body())
 
     async def scenario() -> None:
-        writer = asyncio.create_task(rems._writer())
-        rems.ledger.heads[("avm1", "b")] = ChainHead(seq=1, digest="1" * 64)
-        rems.on_event(bad, event("b", 1))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
-        rems.on_event(good, event("a", 1))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
+        rems.ledger.heads[("avm2", "b")] = ChainHead(seq=1, digest="1" * 64)
+        rems.on_event(bad, event("avm2", "b", 1))  # type: ignore[arg-type]
+        rems.on_event(good, event("avm1", "a", 1))  # type: ignore[arg-type]
+        writer = asyncio.create_task(rems._writer())  # both in one batch
+        await asyncio.sleep(0.3)
         writer.cancel()
 
     asyncio.run(scenario())
-    assert acks == [("a", 1)]  # the failed batch was never acked
+    assert acks == [("a", 1)]  # the poisoned report was never acked
     assert bad.closed
     assert not good.closed
-    assert ("avm1", "b") not in rems.ledger.heads  # reloaded from the store on reconnect
+    assert ("avm2", "b") not in rems.ledger.heads  # reloaded from the store on reconnect
     assert [r["seq"] for r in rems.store.reports("a")] == [1]
     assert rems.store.reports("b") == []
+
+
+def test_reports_of_a_cvm_not_bound_to_the_reporting_a_vm_are_not_stored(
+        rems: RemsServer) -> None:
+    """The binding is checked again when storing: a C-VM moved away mid-session."""
+    acks: list[tuple[str, int]] = []
+
+    class Core(RemsConnection):
+        def __init__(self) -> None:
+            self._state = State.ACTIVE
+
+        def ack_report(self, cvm: str, seq: int, now: float) -> None:
+            acks.append((cvm, seq))
+
+    old = FakeSession(Core())
+    rems.store.bind("a", "avm2")  # the operator gave C-VM a to avm2
+
+    async def scenario() -> None:
+        rems.on_event(old, ReportReceived("avm1", "a", 1, "1" * 64, False,  # type: ignore[arg-type]
+                                          report_body()))
+        writer = asyncio.create_task(rems._writer())
+        await asyncio.sleep(0.3)
+        writer.cancel()
+
+    asyncio.run(scenario())
+    assert acks == []
+    assert "not bound" in old.closed
+    assert rems.store.reports("a") == []
+    assert any(e["kind"] == "refused" for e in audit_entries(rems))
+
+
+def audit_entries(rems: RemsServer) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from vims.rems import schema
+
+    with rems.store.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(schema.audit))]
