@@ -59,7 +59,7 @@ _NOT_IN_DOM0 = {
     "mypy_extensions", "ruff",
     "volatility3", "pefile", "jsonschema", "jsonschema-specifications", "referencing",
     "rpds-py", "librt", "ast_serialize", "iniconfig", "pluggy", "pathspec",
-    "sortedcontainers", "opentelemetry-api",
+    "sortedcontainers", "opentelemetry-api", "joserfc",
 }
 # Modules the dom0 initrd loads to reach its root disk, in dependency order.
 # ext4 asks the crypto API for crc32c at mount time: not in modules.dep.
