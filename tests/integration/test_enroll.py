@@ -147,3 +147,35 @@ def test_malformed_enrollment_requests(dep: LabDeployment, change: dict[str, obj
                 "ak_public_b64": base64.b64encode(tpm.ak_public_bytes).decode(), **change}
     got, raw = dep.call("POST", "/v1/enroll", json.dumps(body).encode())
     assert got == status, raw
+
+
+def test_non_restricted_signing_key_as_ak_is_refused(dep: LabDeployment) -> None:
+    """The attack: a key that signs anything, presented as the AK.
+
+    A non-restricted signing key on the same TPM passes MakeCredential/
+    ActivateCredential (it is loaded, it has a name), and with it an attacker
+    signs any TPMS_ATTEST they like - a forged quote over golden PCRs. The
+    REM-S must refuse it at enrollment, before any challenge is issued.
+    """
+    from tpm2_pytss.constants import ESYS_TR, TPMA_OBJECT
+    from tpm2_pytss.types import TPM2B_PUBLIC
+
+    with Attester(dep.swtpm.tcti) as tpm:
+        template = TPM2B_PUBLIC.parse(
+            "ecc256:ecdsa-sha256:null",
+            objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+            | TPMA_OBJECT.SIGN_ENCRYPT)  # no RESTRICTED
+        handle, rogue_pub, _, _, _ = tpm.esapi.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+        try:
+            body = {"avm_id": "rogue-ak",
+                    "ek_certificate_b64": base64.b64encode(tpm.ek_certificate()).decode(),
+                    "ek_public_b64": base64.b64encode(tpm.ek_public()).decode(),
+                    "ak_public_b64": base64.b64encode(bytes(rogue_pub.marshal())).decode()}
+            status, raw = dep.call("POST", "/v1/enroll", json.dumps(body).encode())
+        finally:
+            tpm.esapi.flush_context(handle)
+    assert status == 403, raw
+    assert b"ak-attributes" in raw
+    assert b"restricted" in raw
+    assert Store(f"sqlite:///{dep.root / 'rems.db'}").ak_of("rogue-ak") is None

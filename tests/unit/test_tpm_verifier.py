@@ -24,15 +24,20 @@ from hypothesis import strategies as st
 from vims.tpm.cli import tpm
 from vims.tpm.eventlog import EventLog, MalformedEventLog, NotGolden, ReplayMismatch, replay
 from vims.tpm.verifier import (
+    AkAlgorithmError,
+    AkAttributesError,
     BadMagic,
+    BadSignature,
     CounterRegression,
     Malformed,
     PcrValuesMissing,
     QuoteError,
     TrailingBytes,
     UnsupportedAlgorithm,
+    check_ak_public,
     kdfa,
     parse_attest,
+    parse_public,
     parse_signature,
     verify_quote,
 )
@@ -113,8 +118,8 @@ def test_trailing_byte(key: ec.EllipticCurvePrivateKey, pem: bytes) -> None:
 
 
 def test_unsupported_signature_algorithm_rejected_before_crypto(pem: bytes) -> None:
-    # RSAPSS (0x0016) with garbage that no crypto could check.
-    sig = struct.pack(">HH", 0x0016, 0x000B) + b"\xff" * 10
+    # SM2 (0x001B) with garbage that no crypto could check.
+    sig = struct.pack(">HH", 0x001B, 0x000B) + b"\xff" * 10
     with pytest.raises(UnsupportedAlgorithm) as exc:
         verify_quote(pem, attest_bytes(), sig, NONCE, pcrs_arg())
     assert exc.value.reason == "unsupported-algorithm"
@@ -273,3 +278,153 @@ def test_cli_bad_json_exits_2(evidence: list[str], tmp_path: Path) -> None:
     res = CliRunner().invoke(tpm, [*evidence, "--nonce", NONCE.hex()])
     assert res.exit_code == 2
     assert "not JSON" in res.stderr
+
+
+# --- AK public areas (enrollment): crafted TPMT_PUBLIC, one test per attribute --------
+
+FIXED_TPM, FIXED_PARENT, SENSITIVE_DATA_ORIGIN = 0x00000002, 0x00000010, 0x00000020
+USER_WITH_AUTH, RESTRICTED, DECRYPT, SIGN = 0x00000040, 0x00010000, 0x00020000, 0x00040000
+AK_ATTRS = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | RESTRICTED | SIGN
+ALG_RSA, ALG_ECC, ALG_NULL = 0x0001, 0x0023, 0x0010
+ALG_SHA1, ALG_SHA256, ALG_SHA384 = 0x0004, 0x000B, 0x000C
+ALG_RSASSA, ALG_RSAES, ALG_RSAPSS, ALG_OAEP = 0x0014, 0x0015, 0x0016, 0x0017
+ALG_ECDSA, ALG_ECDAA, ALG_AES, ALG_CFB = 0x0018, 0x001A, 0x0006, 0x0043
+
+
+def tpm2b_public(
+    kind: str = "ecc",
+    *,
+    name_alg: int = ALG_SHA256,
+    attrs: int = AK_ATTRS,
+    symmetric: tuple[int, int, int] | None = None,
+    scheme: int | None = None,
+    scheme_hash: int = ALG_SHA256,
+    curve: int = 0x0003,
+    rsa_bits: int = 2048,
+) -> bytes:
+    """A marshalled TPM2B_PUBLIC as a TPM (or an attacker) would send it."""
+    body = struct.pack(">HHI", ALG_ECC if kind == "ecc" else ALG_RSA, name_alg, attrs)
+    body += struct.pack(">H", 0)  # empty authPolicy
+    body += struct.pack(">HHH", *symmetric) if symmetric else struct.pack(">H", ALG_NULL)
+    scheme = (ALG_ECDSA if kind == "ecc" else ALG_RSASSA) if scheme is None else scheme
+    if scheme in (ALG_NULL, ALG_RSAES):
+        body += struct.pack(">H", scheme)
+    elif scheme == ALG_ECDAA:
+        body += struct.pack(">HHH", scheme, scheme_hash, 0)
+    else:
+        body += struct.pack(">HH", scheme, scheme_hash)
+    if kind == "ecc":
+        ec_curve = ec.SECP384R1() if curve == 0x0004 else ec.SECP256R1()
+        nums = ec.generate_private_key(ec_curve).public_key().public_numbers()
+        size = (ec_curve.key_size + 7) // 8
+        body += struct.pack(">HH", curve, ALG_NULL)  # curveID, kdf NULL
+        for v in (nums.x, nums.y):
+            body += struct.pack(">H", size) + v.to_bytes(size, "big")
+    else:
+        from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
+
+        n = _rsa_modulus(rsa_bits, rsa_mod)
+        body += struct.pack(">HI", rsa_bits, 0) + struct.pack(">H", len(n)) + n
+    return struct.pack(">H", len(body)) + body
+
+
+_RSA_CACHE: dict[int, bytes] = {}
+
+
+def _rsa_modulus(bits: int, rsa_mod: object) -> bytes:
+    if bits not in _RSA_CACHE:
+        key = rsa_mod.generate_private_key(65537, bits)  # type: ignore[attr-defined]
+        _RSA_CACHE[bits] = key.public_key().public_numbers().n.to_bytes(bits // 8, "big")
+    return _RSA_CACHE[bits]
+
+
+@pytest.mark.parametrize("blob", [
+    tpm2b_public(),  # what vims.tpm.attester creates: ecc256:ecdsa-sha256:null
+    tpm2b_public(curve=0x0004, scheme_hash=ALG_SHA384, name_alg=ALG_SHA384),
+    tpm2b_public("rsa"),
+    tpm2b_public("rsa", scheme=ALG_RSAPSS, scheme_hash=ALG_SHA384, rsa_bits=3072),
+], ids=["ecc-p256", "ecc-p384", "rsa2048-rsassa", "rsa3072-rsapss"])
+def test_ak_public_accepted(blob: bytes) -> None:
+    ak = parse_public(blob)
+    check_ak_public(ak)
+    assert ak.scheme in (ALG_ECDSA, ALG_RSASSA, ALG_RSAPSS)
+    assert ak.scheme_hash in (ALG_SHA256, ALG_SHA384)
+    assert ak.key_bits in (256, 384, 2048, 3072)
+
+
+def test_ak_public_records_the_scheme() -> None:
+    ak = parse_public(tpm2b_public(curve=0x0004, scheme_hash=ALG_SHA384))
+    assert (ak.scheme, ak.scheme_hash, ak.curve, ak.key_bits) == (ALG_ECDSA, ALG_SHA384, 4, 384)
+    rsa_ak = parse_public(tpm2b_public("rsa", scheme=ALG_RSAPSS))
+    assert (rsa_ak.scheme, rsa_ak.scheme_hash, rsa_ak.curve, rsa_ak.key_bits) == (
+        ALG_RSAPSS, ALG_SHA256, 0, 2048)
+
+
+@pytest.mark.parametrize(("attrs", "missing"), [
+    (AK_ATTRS & ~RESTRICTED, "restricted"),  # would sign anything, forged quotes included
+    (AK_ATTRS & ~SIGN, "sign"),
+    (AK_ATTRS | DECRYPT, "decrypt"),
+    (AK_ATTRS & ~FIXED_TPM, "fixedTPM"),  # duplicable: may live outside this TPM
+    (AK_ATTRS & ~FIXED_PARENT, "fixedParent"),
+    (AK_ATTRS & ~SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),  # imported key
+])
+def test_ak_public_attribute_refused(attrs: int, missing: str) -> None:
+    with pytest.raises(AkAttributesError) as exc:
+        check_ak_public(parse_public(tpm2b_public(attrs=attrs)))
+    assert exc.value.reason == "ak-attributes"
+    assert missing in exc.value.detail
+
+
+@pytest.mark.parametrize("blob", [
+    tpm2b_public(name_alg=ALG_SHA1),
+    tpm2b_public(scheme=ALG_NULL),  # the TPM would sign with any scheme the caller names
+    tpm2b_public(scheme_hash=ALG_SHA1),
+    tpm2b_public(scheme=ALG_ECDAA),
+    tpm2b_public("rsa", rsa_bits=1024),
+    tpm2b_public("rsa", scheme=ALG_RSAES),
+    tpm2b_public("rsa", scheme=ALG_OAEP),
+    tpm2b_public("rsa", scheme_hash=ALG_SHA1),
+    tpm2b_public(symmetric=(ALG_AES, 128, ALG_CFB)),
+], ids=["sha1-name", "null-scheme", "sha1-scheme", "ecdaa", "rsa1024", "rsaes", "oaep",
+        "rsassa-sha1", "symmetric"])
+def test_ak_public_algorithm_refused(blob: bytes) -> None:
+    with pytest.raises(AkAlgorithmError) as exc:
+        check_ak_public(parse_public(blob))
+    assert exc.value.reason == "ak-algorithm"
+
+
+def test_ak_public_unknown_curve_refused() -> None:
+    with pytest.raises(UnsupportedAlgorithm):  # BN P-256: not a curve an AK may use
+        check_ak_public(parse_public(tpm2b_public(curve=0x0010)))
+
+
+def test_public_area_inconsistent_rsa_size_is_malformed() -> None:
+    blob = bytearray(tpm2b_public("rsa"))
+    # keyBits says 2048, the modulus is 2048 bits: claim 4096 instead.
+    at = bytes(blob).index(struct.pack(">HI", 2048, 0))
+    blob[at : at + 2] = struct.pack(">H", 4096)
+    with pytest.raises(Malformed):
+        parse_public(bytes(blob))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 200), st.binary(min_size=1, max_size=4))
+def test_fuzz_public_parser_raises_only_quote_errors(pos: int, insert: bytes) -> None:
+    blob = bytearray(tpm2b_public())
+    blob[pos : pos + len(insert)] = insert
+    with contextlib.suppress(QuoteError):
+        check_ak_public(parse_public(bytes(blob)))
+
+
+def test_rsapss_quote_verifies() -> None:
+    """An RSAPSS AK (accepted at enrollment) gets its quotes verified, whatever the salt."""
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    rkey = rsa.generate_private_key(65537, 2048)
+    a = attest_bytes()
+    for salt in (32, padding.PSS.MAX_LENGTH):
+        raw = rkey.sign(a, padding.PSS(padding.MGF1(hashes.SHA256()), salt), hashes.SHA256())
+        sig = struct.pack(">HHH", 0x0016, 0x000B, len(raw)) + raw
+        verify_quote(rkey.public_key(), a, sig, NONCE, pcrs_arg(), [0, 17])
+    with pytest.raises(BadSignature):
+        verify_quote(rkey.public_key(), a + b"", sig[:-1] + b"\0", NONCE, pcrs_arg())

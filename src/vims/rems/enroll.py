@@ -32,7 +32,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from vims.errors import VimsError
 from vims.protocol.pki import CertificateAuthority
 from vims.rems.store import Store
-from vims.tpm.verifier import make_credential, parse_public, validate_ek_certificate
+from vims.tpm.verifier import (
+    QuoteError,
+    check_ak_public,
+    make_credential,
+    parse_public,
+    validate_ek_certificate,
+)
 
 if TYPE_CHECKING:  # the REM-S itself never talks to a TPM: keep tpm2-pytss out of it
     from vims.tpm.attester import Attester
@@ -98,6 +104,13 @@ class Enroller:
             ak = parse_public(ak_public)
         except Exception as exc:  # the verifier raises typed errors; all mean "refused"
             raise EnrollmentError(f"EK certificate or TPM public area rejected: {exc}") from exc
+        try:
+            # ActivateCredential proves only that a key of this name is loaded in the
+            # EK's TPM: any key would answer. Only a restricted signing key born there
+            # makes quotes that the TPM itself composed (no forged TPMS_ATTEST).
+            check_ak_public(ak)
+        except QuoteError as exc:
+            raise EnrollmentError(f"not an attestation key: {exc}") from exc
         if _spki(ek.key) != _spki(cert.public_key()):
             raise EnrollmentError("the TPM's EK is not the key its certificate certifies")
         csr = None
@@ -125,6 +138,13 @@ class Enroller:
             expires=now + SESSION_TTL_S)
         self._pending[challenge.session] = challenge
         return challenge
+
+    def pending_avm(self, session: str) -> str | None:
+        """The A-VM a pending (unexpired) enrollment session is for, or None."""
+        challenge = self._pending.get(session)
+        if challenge is None or challenge.expires <= time.monotonic():
+            return None
+        return challenge.avm_id
 
     def complete(self, session: str, secret: bytes) -> Enrolled:
         """The A-VM's ActivateCredential answer: store the AK, issue the certificate."""

@@ -1,8 +1,8 @@
 """A-VM side of remote attestation: EK, AK, quotes and credential activation (tpm2-pytss).
 
-The TCTI is configurable so the same code drives a swtpm in tests
-(``swtpm:host=127.0.0.1,port=P``) and the kernel resource manager in a real
-A-VM (``device:/dev/tpmrm0``).
+The TCTI is configurable so the same code drives a swtpm on its root-only UNIX
+socket (``cmd:python -I -m vims.tpm.relay SOCKET``, see :mod:`vims.tpm.relay`)
+and the kernel resource manager in a real A-VM (``device:/dev/tpmrm0``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,20 @@ from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception  # type: ignore[import-unt
 from tpm2_pytss.constants import (  # type: ignore[import-untyped]
     ESYS_TR,
     TPM2_ALG,
+    TPM2_CAP,
+    TPM2_PT,
     TPM2_SE,
+    TPMA_NV,
     TPMA_OBJECT,
 )
 from tpm2_pytss.types import (  # type: ignore[import-untyped]
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
+    TPM2B_NV_PUBLIC,
     TPM2B_PUBLIC,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
+    TPMS_NV_PUBLIC,
     TPMT_HA,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
@@ -36,9 +41,10 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
 
 from vims.errors import VimsError
 
-#: NV indices of EK certificates (TCG EK Credential Profile); swtpm_setup writes
-#: the RSA-2048 one at 0x1c00002 and its ECC (P-384) one at 0x1c00016 (the
-#: index the profile assigns to the high-range ECC P-384 template H-4).
+#: NV indices of EK certificates (TCG EK Credential Profile): RSA-2048 at
+#: 0x1c00002, and swtpm's ECC P-384 EK at 0x1c00016 (the index the profile
+#: assigns to the high-range ECC P-384 template H-4). swtpm_setup writes there,
+#: and so does :meth:`Attester.install_ek_certificate` with a REM-S-issued one.
 NV_EK_CERT_RSA2048 = 0x01C00002
 NV_EK_CERT_ECC = 0x01C00016
 #: Persistent handles where swtpm_setup leaves the EKs it certified.
@@ -59,6 +65,21 @@ _AK_ATTRS = (
 # TCG EK Credential Profile template L-1 (RSA-2048, AES-128-CFB) policy:
 # PolicySecret(TPM_RH_ENDORSEMENT).
 _EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+
+
+#: NV attributes of an EK certificate index, as TPM manufacturers (and swtpm_setup)
+#: define it: created and written under platform authorisation, readable by anyone,
+#: and WRITEDEFINE so that, once write-locked, it stays read-only until undefined.
+_EK_CERT_NV_ATTRS = (
+    TPMA_NV.PLATFORMCREATE
+    | TPMA_NV.PPWRITE
+    | TPMA_NV.WRITEDEFINE
+    | TPMA_NV.PPREAD
+    | TPMA_NV.OWNERREAD
+    | TPMA_NV.AUTHREAD
+    | TPMA_NV.NO_DA
+)
+_NV_CHUNK = 1024  # below every TPM's TPM2_PT_NV_BUFFER_MAX
 
 
 class AttesterError(VimsError):
@@ -152,6 +173,64 @@ class Attester:
             out += bytes(self.esapi.nv_read(handle, chunk, len(out), auth_handle=handle))
         self.esapi.tr_close(handle)
         return out
+
+    def _nv_handle(self, nv_index: int) -> ESYS_TR | None:
+        try:
+            return self.esapi.tr_from_tpmpublic(nv_index)
+        except TSS2_Exception:
+            return None  # no such index
+
+    def install_ek_certificate(self, cert_der: bytes, nv_index: int = NV_EK_CERT_RSA2048) -> bool:
+        """Write an EK certificate into NV as a TPM manufacturer does; ``True`` if it changed.
+
+        Needs platform authorisation (empty on swtpm, which has no firmware to
+        take the platform hierarchy). An index already holding this certificate
+        is left alone; one holding another certificate is undefined and
+        recreated (a re-issued certificate). The index is write-locked after
+        writing, so nothing short of the platform hierarchy replaces it.
+        """
+        handle = self._nv_handle(nv_index)
+        if handle is not None:
+            if self.ek_certificate(nv_index) == cert_der:
+                return False
+            handle = self.esapi.tr_from_tpmpublic(nv_index)
+            self.esapi.nv_undefine_space(handle, auth_handle=ESYS_TR.RH_PLATFORM)
+        public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=nv_index, nameAlg=TPM2_ALG.SHA256, attributes=_EK_CERT_NV_ATTRS,
+            dataSize=len(cert_der)))
+        try:
+            handle = self.esapi.nv_define_space(None, public, auth_handle=ESYS_TR.RH_PLATFORM)
+            for offset in range(0, len(cert_der), _NV_CHUNK):
+                self.esapi.nv_write(handle, cert_der[offset : offset + _NV_CHUNK], offset,
+                                    auth_handle=ESYS_TR.RH_PLATFORM)
+            self.esapi.nv_write_lock(handle, auth_handle=ESYS_TR.RH_PLATFORM)
+        except TSS2_Exception as exc:
+            raise AttesterError(
+                f"writing the EK certificate at NV 0x{nv_index:08x}: {exc}"
+            ) from exc
+        self.esapi.tr_close(handle)
+        return True
+
+    def tpm_info(self) -> dict[str, object]:
+        """The TPM's manufacturer, model, firmware and specification (for its EK certificate).
+
+        Formatted as the TCG EK Credential Profile wants them in the certificate:
+        ``id:%08X`` for the manufacturer and the firmware version, the vendor
+        strings for the model.
+        """
+        _, cap = self.esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.FAMILY_INDICATOR, 32)
+        props = {int(p.property): int(p.value) for p in cap.data.tpmProperties}
+        fixed = int(TPM2_PT.FAMILY_INDICATOR)
+        vendor = b"".join(props.get(fixed + i, 0).to_bytes(4, "big") for i in range(6, 10))
+        return {
+            "manufacturer": f"id:{props.get(int(TPM2_PT.MANUFACTURER), 0):08X}",
+            "model": vendor.rstrip(b"\0").decode("ascii", "replace") or "unknown",
+            "version": f"id:{props.get(fixed + 11, 0):08X}",  # TPM2_PT_FIRMWARE_VERSION_1
+            "spec_family": props.get(fixed, 0).to_bytes(4, "big").rstrip(b"\0").decode(
+                "ascii", "replace"),
+            "spec_level": props.get(int(TPM2_PT.LEVEL), 0),
+            "spec_revision": props.get(int(TPM2_PT.REVISION), 0),
+        }
 
     def ek(self) -> ESYS_TR:
         """The RSA EK: the persistent one swtpm_setup made, else created from template L-1."""

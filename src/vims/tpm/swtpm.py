@@ -1,23 +1,44 @@
-"""A software TPM (swtpm) per A-VM, manufactured with EK certificates from a local CA.
+"""A software TPM (swtpm) per A-VM, manufactured with EK certificates from an EK CA.
 
 swtpm stands in for the A-VM's vTPM: on Debian there are no Xen vtpm stub
-domains, and tests need many independent TPMs at once (one state dir and TCP
-port pair each).
+domains, and tests need many independent TPMs at once (one state dir each).
+
+Both of swtpm's channels are UNIX sockets of mode 0600 in a directory of mode
+0700: the control channel can reset the TPM and run the locality-4 hash
+sequence that stands in for a DRTM launch (PCR 17), so whoever reaches it can
+forge a measured launch; the data channel gives the TPM's platform hierarchy
+(empty authorisation on swtpm). Only root may use either. tss2 3.2.1 reaches
+the data socket through its ``cmd:`` TCTI and :mod:`vims.tpm.relay` (its
+``swtpm:`` TCTI is TCP-only and needs the control channel on TCP).
+
+Manufacturing (:meth:`Swtpm.manufacture`) with an :class:`~vims.tpm.ekca.EkCa`
+is what the deployment does: EKs without certificates, certificates issued by
+the CA from the EK public areas alone, written into NV. With a
+:class:`LocalCa` swtpm_setup signs them itself (swtpm_localca; the CA key then
+sits beside the TPM): kept for tests that need another "manufacturer".
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from vims.errors import VimsError
-from vims.net import free_port
+from vims.tpm.relay import shutdown
+from vims.tpm.relay import tcti as relay_tcti
+
+if TYPE_CHECKING:
+    from vims.tpm.ekca import EkCa
 
 READY_TIMEOUT_S = 5.0
 
@@ -87,110 +108,172 @@ class LocalCa:
         return [self.root_cert, self.issuer_cert]
 
 
-class Swtpm:
-    """One swtpm process serving TPM 2.0 over TCP on 127.0.0.1.
+def manufacture_command(state_dir: Path) -> list[str]:
+    """swtpm_setup creating the RSA-2048 and ECC P-384 EKs, persistent, without certificates."""
+    return [
+        _tool("swtpm_setup"), "--tpm2", "--tpmstate", str(state_dir), "--createek",
+        "--pcr-banks", "sha256", "--not-overwrite",
+        # Its default config names swtpm_localca as certificate tool; none is used here.
+        "--config", os.devnull,
+    ]  # fmt: skip
 
-    Use as a context manager, or call :meth:`start` / :meth:`stop`.
+
+class Swtpm:
+    """One swtpm process serving TPM 2.0 on root-only UNIX sockets.
+
+    Use as a context manager, or call :meth:`start` / :meth:`stop`. The
+    sockets live in ``socket_dir`` (default: a new private directory per start;
+    UNIX socket paths are limited to 107 bytes, which deep test directories exceed).
     """
 
-    def __init__(self, state_dir: Path, ca: LocalCa | None = None) -> None:
+    def __init__(self, state_dir: Path, ca: LocalCa | EkCa | None = None,
+                 socket_dir: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.ca = ca
-        self.port = 0
+        self._socket_dir = Path(socket_dir) if socket_dir is not None else None
+        self._own_socket_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
 
     @property
-    def ctrl_port(self) -> int:
-        return self.port + 1
+    def socket_dir(self) -> Path:
+        """Where the sockets are; fixed for this object, so its :attr:`tcti` stays valid."""
+        if self._socket_dir is not None:
+            return self._socket_dir
+        if self._own_socket_dir is None:
+            self._own_socket_dir = Path(tempfile.mkdtemp(prefix="vims-swtpm-"))  # mode 0700
+            # Removed with this object, not at stop(): recreating a known name in /tmp
+            # later could find a directory someone else made in between.
+            weakref.finalize(self, shutil.rmtree, self._own_socket_dir, True)
+        return self._own_socket_dir
+
+    @property
+    def data_socket(self) -> Path:
+        return self.socket_dir / "swtpm.sock"
+
+    @property
+    def ctrl_socket(self) -> Path:
+        return self.socket_dir / "swtpm.ctrl"
 
     @property
     def tcti(self) -> str:
-        """TCTI string for tpm2-pytss and tpm2-tools (``mssim:`` fails with swtpm 0.7.1)."""
-        return f"swtpm:host=127.0.0.1,port={self.port}"
+        """TCTI string for tpm2-pytss and tpm2-tools (``cmd:`` through :mod:`vims.tpm.relay`)."""
+        return relay_tcti(str(self.data_socket))
 
     def manufacture(self) -> None:
-        """Create RSA-2048 and ECC P-384 EKs with certificates in NV (0x1c00002, 0x1c00016)."""
+        """Create the EKs and their certificates in NV (0x1c00002 RSA, 0x1c00016 ECC P-384).
+
+        With an :class:`~vims.tpm.ekca.EkCa`: swtpm_setup makes the EKs only,
+        the CA certifies their public areas and the certificates are written
+        into NV through a (temporarily) running swtpm. Idempotent: an existing
+        state keeps its EKs, and certificates already in NV are kept.
+        """
         if self.ca is None:
-            raise SwtpmError("manufacturing needs a LocalCa")
+            raise SwtpmError("manufacturing needs an EK CA")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _run(
-            [
-                _tool("swtpm_setup"), "--tpm2", "--tpmstate", str(self.state_dir),
-                "--create-ek-cert", "--create-platform-cert", "--overwrite",
-                "--config", str(self.ca.setup_conf),
-            ],
-            "swtpm_setup",
-        )  # fmt: skip
+        if isinstance(self.ca, LocalCa):
+            _run(
+                [
+                    _tool("swtpm_setup"), "--tpm2", "--tpmstate", str(self.state_dir),
+                    "--create-ek-cert", "--create-platform-cert", "--overwrite",
+                    "--config", str(self.ca.setup_conf),
+                ],
+                "swtpm_setup",
+            )  # fmt: skip
+            return
+        _run(manufacture_command(self.state_dir), "swtpm_setup")
+        was_running = self.running
+        self.start()
+        try:
+            install_ek_certificates(self.tcti, self.ca)
+        finally:
+            if not was_running:
+                self.stop()
 
     def start(self) -> Swtpm:
-        """Start swtpm and wait (bounded) until its TPM port accepts connections."""
+        """Start swtpm and wait (bounded) until its data socket accepts connections."""
         if self._proc is not None:
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.port = free_port(2)  # the swtpm TCTI finds the control channel at port + 1
-            # The control socket is ours, listening before swtpm starts, so no other
-            # process can take it in between; swtpm binds the TPM port itself (its
-            # --server fd= is a connected socket, not a listening one).
-            ctrl = socket.socket()
-            ctrl.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ctrl.bind(("127.0.0.1", self.ctrl_port))
-            ctrl.listen()
-        except OSError as exc:
-            raise SwtpmError(f"no TCP ports for swtpm on 127.0.0.1: {exc}") from None
-        with ctrl:
-            cmd = [
-                _tool("swtpm"), "socket", "--tpm2",
-                "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                "--ctrl", f"type=tcp,fd={ctrl.fileno()}",
-                "--tpmstate", f"dir={self.state_dir}",
-                "--flags", "not-need-init,startup-clear",
-            ]  # fmt: skip
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, pass_fds=(ctrl.fileno(),))
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.data_socket, self.ctrl_socket):
+            path.unlink(missing_ok=True)  # left by a killed swtpm; it would refuse to bind
+        cmd = [
+            _tool("swtpm"), "socket", "--tpm2",
+            "--server", f"type=unixio,path={self.data_socket},mode=0600",
+            "--ctrl", f"type=unixio,path={self.ctrl_socket},mode=0600",
+            "--tpmstate", f"dir={self.state_dir}",
+            "--flags", "not-need-init,startup-clear",
+        ]  # fmt: skip
+        # swtpm logs each client disconnect on stderr: a pipe nobody reads would
+        # fill up and block it, so it goes to a file, read when swtpm fails.
+        self._log = self.socket_dir / "swtpm.log"
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                          stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 self._proc = None
-                raise SwtpmError(f"swtpm exited at start: {err.strip() or 'no output'}")
-            try:  # the TPM port: the one swtpm binds (it exits if it cannot)
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    pass
+                raise SwtpmError(f"swtpm exited at start: {self._log_tail()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(str(self.ctrl_socket))  # not the data socket: one client
             except OSError:
                 time.sleep(0.01)
                 continue
-            if self._proc.poll() is None:
+            if self.data_socket.exists() and self._proc.poll() is None:
                 return self
+            time.sleep(0.01)
         self.stop()
-        raise SwtpmError(f"swtpm not ready on port {self.port} after {READY_TIMEOUT_S} s")
+        raise SwtpmError(f"swtpm not ready on {self.data_socket} after {READY_TIMEOUT_S} s")
 
-    def stop(self) -> None:
-        """Terminate swtpm and reap it; no process is left behind."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
+    def _log_tail(self) -> str:
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+            lines = self._log.read_text(errors="replace").strip().splitlines() if self._log else []
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "no output"
+
+    def stop(self, orderly: bool = True) -> None:
+        """Shut the TPM down orderly, terminate swtpm and reap it; no process is left.
+
+        TPM2_Shutdown first: SIGTERM alone (``orderly=False``) makes the next
+        start unorderly (the clock goes back, quotes say safe = 0, which the
+        REM-S refuses, and a failed authorization is counted).
+        """
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if orderly and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    shutdown(str(self.data_socket), timeout_s=2.0)
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL swtpm (a crash: no state saved on the way out), keeping its sockets' place."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
             proc.kill()
             proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def _ioctl(self, *args: str) -> None:
-        _run([_tool("swtpm_ioctl"), "--tcp", f"127.0.0.1:{self.ctrl_port}", *args], "swtpm_ioctl")
+        _run([_tool("swtpm_ioctl"), "--unix", str(self.ctrl_socket), *args], "swtpm_ioctl")
 
     def drtm_measure(self, data: bytes) -> bytes:
         """Run a locality-4 hash sequence (a TXT/tboot DRTM stand-in); return the new PCR17.
 
         The TPM resets PCR17 to zeros and extends SHA256(data), so the expected
         value is SHA256(0^32 || SHA256(data)), computable by the REM-S offline.
+        swtpm counts the sequence as a TPM restart: restartCount goes up by one.
         """
         if b"\0" in data:
             raise SwtpmError("DRTM data is passed on swtpm_ioctl's command line: no NUL bytes")
@@ -198,7 +281,11 @@ class Swtpm:
         return hashlib.sha256(b"\0" * 32 + hashlib.sha256(data).digest()).digest()
 
     def reinit(self) -> None:
-        """CMD_INIT over the control channel: a TPM restart (new restartCount/resetCount)."""
+        """CMD_INIT over the control channel: the TPM must get TPM2_Startup again.
+
+        With Startup(CLEAR) that is a TPM reset (resetCount + 1); unless
+        TPM2_Shutdown came first it also counts as an unorderly shutdown.
+        """
         self._ioctl("-i")
 
     def __enter__(self) -> Swtpm:
@@ -211,3 +298,27 @@ class Swtpm:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def install_ek_certificates(tcti: str, ca: EkCa) -> dict[str, bool]:
+    """Certify the TPM's EKs with ``ca`` and write the certificates into NV.
+
+    In one process, for tests and the one-machine lab; a deployment runs the
+    same three steps on two hosts (``vims tpm ek-public`` on the A-VM host,
+    ``vims tpm ek-ca issue`` on the REM-S host, ``vims tpm ek-cert install``
+    back on the A-VM host). Returns, per EK, whether NV changed.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from vims.tpm.attester import NV_EK_CERT_ECC, NV_EK_CERT_RSA2048, Attester
+    from vims.tpm.ekca import TpmInfo
+
+    changed: dict[str, bool] = {}
+    with Attester(tcti) as tpm:
+        info = TpmInfo(**tpm.tpm_info())  # type: ignore[arg-type]
+        for kind, public, index in (("rsa", tpm.ek_public(), NV_EK_CERT_RSA2048),
+                                    ("ecc", tpm.ecc_ek_public(), NV_EK_CERT_ECC)):
+            cert, _ = ca.issue(public, info)
+            changed[kind] = tpm.install_ek_certificate(
+                cert.public_bytes(serialization.Encoding.DER), index)
+    return changed

@@ -34,6 +34,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    Policy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 # --- TPM constants (TPM 2.0 Part 2) -------------------------------------------
 
@@ -48,8 +56,20 @@ TPM_ALG_SHA384 = 0x000C
 TPM_ALG_SHA512 = 0x000D
 TPM_ALG_NULL = 0x0010
 TPM_ALG_RSASSA = 0x0014
+TPM_ALG_RSAES = 0x0015
+TPM_ALG_RSAPSS = 0x0016
+TPM_ALG_OAEP = 0x0017
 TPM_ALG_ECDSA = 0x0018
+TPM_ALG_ECDAA = 0x001A
 TPM_ALG_ECC = 0x0023
+
+# TPMA_OBJECT bits (Part 2 §8.3).
+TPMA_OBJECT_FIXEDTPM = 0x00000002
+TPMA_OBJECT_FIXEDPARENT = 0x00000010
+TPMA_OBJECT_SENSITIVEDATAORIGIN = 0x00000020
+TPMA_OBJECT_RESTRICTED = 0x00010000
+TPMA_OBJECT_DECRYPT = 0x00020000
+TPMA_OBJECT_SIGN_ENCRYPT = 0x00040000
 
 TPM_ECC_NIST_P256 = 0x0003
 TPM_ECC_NIST_P384 = 0x0004
@@ -187,8 +207,31 @@ class CounterRegression(QuoteError):
     reason = "counter-regression"
 
 
+class AkRejected(QuoteError):
+    """The key offered as the AK is not one a TPM can only use to attest."""
+
+    reason = "ak-rejected"
+
+
+class AkAttributesError(AkRejected):
+    """The AK lacks restricted/sign/fixedTPM/fixedParent/sensitiveDataOrigin, or decrypts.
+
+    A non-restricted signing key signs any digest, forged TPMS_ATTEST included;
+    a key without fixedTPM/fixedParent may be duplicated out of the TPM, and one
+    without sensitiveDataOrigin was imported, so its private part exists elsewhere.
+    """
+
+    reason = "ak-attributes"
+
+
+class AkAlgorithmError(AkRejected):
+    """The AK's name algorithm, signing scheme, hash, curve or key size is not accepted."""
+
+    reason = "ak-algorithm"
+
+
 class EkCertificateError(QuoteError):
-    """The EK certificate does not chain to a trusted TPM manufacturer CA."""
+    """The EK certificate is not an EK certificate from a trusted TPM manufacturer CA."""
 
     reason = "ek-certificate-invalid"
 
@@ -298,7 +341,15 @@ class RsassaSignature:
     sig: bytes
 
 
-TpmSignature = EcdsaSignature | RsassaSignature
+@dataclass(frozen=True)
+class RsapssSignature:
+    """TPMT_SIGNATURE with sigAlg TPM_ALG_RSAPSS."""
+
+    hash_alg: int
+    sig: bytes
+
+
+TpmSignature = EcdsaSignature | RsassaSignature | RsapssSignature
 
 
 @dataclass(frozen=True)
@@ -385,14 +436,18 @@ def parse_signature(data: bytes) -> TpmSignature:
     """
     cur = _Cursor(data, "TPMT_SIGNATURE")
     sig_alg = cur.u16("sigAlg")
-    if sig_alg not in (TPM_ALG_ECDSA, TPM_ALG_RSASSA):
-        raise UnsupportedAlgorithm(f"signature algorithm 0x{sig_alg:04x} is not ECDSA or RSASSA")
+    if sig_alg not in (TPM_ALG_ECDSA, TPM_ALG_RSASSA, TPM_ALG_RSAPSS):
+        raise UnsupportedAlgorithm(
+            f"signature algorithm 0x{sig_alg:04x} is not ECDSA, RSASSA or RSAPSS"
+        )
     hash_alg = cur.u16("hash")
     if hash_alg not in _SIG_HASHES:
         raise UnsupportedAlgorithm(f"signature hash algorithm 0x{hash_alg:04x} is not accepted")
     sig: TpmSignature
     if sig_alg == TPM_ALG_ECDSA:
         sig = EcdsaSignature(hash_alg, cur.tpm2b("signatureR"), cur.tpm2b("signatureS"))
+    elif sig_alg == TPM_ALG_RSAPSS:
+        sig = RsapssSignature(hash_alg, cur.tpm2b("sig"))
     else:
         sig = RsassaSignature(hash_alg, cur.tpm2b("sig"))
     cur.finish()
@@ -420,7 +475,12 @@ def load_public_key(pem_or_key: bytes | str | PublicKey) -> PublicKey:
 
 @dataclass(frozen=True)
 class TpmPublic:
-    """A parsed TPMT_PUBLIC: enough to compute the TPM name and use the key."""
+    """A parsed TPMT_PUBLIC: enough to compute the TPM name, use the key and judge it.
+
+    ``scheme``/``scheme_hash`` are the key's own signing (or encryption) scheme,
+    TPM_ALG_NULL when the key leaves it to the caller; ``curve`` is the
+    TPM_ECC_CURVE (0 for RSA); ``key_bits`` the RSA modulus or ECC curve size.
+    """
 
     type: int
     name_alg: int
@@ -430,6 +490,10 @@ class TpmPublic:
     sym_key_bits: int
     key: PublicKey
     raw: bytes
+    scheme: int = TPM_ALG_NULL
+    scheme_hash: int = TPM_ALG_NULL
+    curve: int = 0
+    key_bits: int = 0
 
     @property
     def name(self) -> bytes:
@@ -490,10 +554,16 @@ def parse_public(data: bytes) -> TpmPublic:
     if sym_alg != TPM_ALG_NULL:
         sym_bits = cur.u16("symmetric.keyBits")
         cur.u16("symmetric.mode")
+    # TPMT_{ECC,RSA}_SCHEME: the details depend on the scheme (Part 2 §11.2): none
+    # for RSAES, hashAlg + count for ECDAA, hashAlg for the others.
     scheme = cur.u16("scheme.scheme")
-    if scheme != TPM_ALG_NULL:
-        cur.u16("scheme.hashAlg")
+    scheme_hash = TPM_ALG_NULL
+    if scheme not in (TPM_ALG_NULL, TPM_ALG_RSAES):
+        scheme_hash = cur.u16("scheme.hashAlg")
+        if scheme == TPM_ALG_ECDAA:
+            cur.u16("scheme.count")
     key: PublicKey
+    curve_id = 0
     if typ == TPM_ALG_ECC:
         curve_id = cur.u16("curveID")
         if cur.u16("kdf.scheme") != TPM_ALG_NULL:
@@ -502,16 +572,21 @@ def parse_public(data: bytes) -> TpmPublic:
         y = cur.tpm2b("unique.y")
         if curve_id not in _CURVES:
             raise UnsupportedAlgorithm(f"ECC curve 0x{curve_id:04x}")
+        curve = _CURVES[curve_id]()
+        key_bits = curve.key_size
         try:
             key = ec.EllipticCurvePublicNumbers(
-                int.from_bytes(x, "big"), int.from_bytes(y, "big"), _CURVES[curve_id]()
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve
             ).public_key()
         except ValueError as exc:
             raise Malformed(f"TPMT_PUBLIC: ECC point invalid: {exc}") from None
     elif typ == TPM_ALG_RSA:
-        cur.u16("keyBits")
+        key_bits = cur.u16("keyBits")
         exponent = cur.u32("exponent") or 65537  # 0 means the default exponent
         n = cur.tpm2b("unique.rsa")
+        if len(n) * 8 != key_bits:
+            # keyBits is what a size check would read: it must be the modulus's size.
+            raise Malformed(f"TPMT_PUBLIC: keyBits {key_bits} but a {len(n) * 8}-bit modulus")
         try:
             key = rsa.RSAPublicNumbers(exponent, int.from_bytes(n, "big")).public_key()
         except ValueError as exc:
@@ -519,7 +594,65 @@ def parse_public(data: bytes) -> TpmPublic:
     else:
         raise UnsupportedAlgorithm(f"TPMT_PUBLIC type 0x{typ:04x}")
     cur.finish()
-    return TpmPublic(typ, name_alg, attrs, policy, sym_alg, sym_bits, key, raw)
+    return TpmPublic(
+        typ, name_alg, attrs, policy, sym_alg, sym_bits, key, raw,
+        scheme=scheme, scheme_hash=scheme_hash, curve=curve_id, key_bits=key_bits,
+    )  # fmt: skip
+
+
+# What an AK must be (TPM 2.0 Part 1 §25-§27; Keylime's checks and stricter): a
+# restricted key, so the TPM signs with it only digests it computed itself (a
+# TPMS_ATTEST it built, never outside data starting with TPM_GENERATED_VALUE);
+# signing only; born in this TPM and bound to it and its parent.
+_AK_REQUIRED = {
+    TPMA_OBJECT_RESTRICTED: "restricted",
+    TPMA_OBJECT_SIGN_ENCRYPT: "sign",
+    TPMA_OBJECT_FIXEDTPM: "fixedTPM",
+    TPMA_OBJECT_FIXEDPARENT: "fixedParent",
+    TPMA_OBJECT_SENSITIVEDATAORIGIN: "sensitiveDataOrigin",
+}
+_AK_NAME_ALGS = (TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512)
+_AK_SCHEME_HASHES = (TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512)
+_AK_ECC_HASHES = {TPM_ECC_NIST_P256: (TPM_ALG_SHA256, TPM_ALG_SHA384),
+                  TPM_ECC_NIST_P384: (TPM_ALG_SHA256, TPM_ALG_SHA384)}
+_AK_MIN_RSA_BITS = 2048
+
+
+def check_ak_public(ak: TpmPublic) -> None:
+    """Refuse a public area that is not a proper attestation key.
+
+    Raises :class:`AkAttributesError` for the object attributes, then
+    :class:`AkAlgorithmError` for algorithms: nameAlg SHA-256/384/512; ECC
+    NIST P-256/P-384 with ECDSA and SHA-256/384, or RSA >= 2048 bits with
+    RSASSA or RSAPSS and SHA-256 or stronger; the scheme fixed in the key (a
+    NULL scheme would let the caller pick one) and no symmetric algorithm.
+    """
+    attrs = ak.object_attributes
+    missing = [name for bit, name in _AK_REQUIRED.items() if not attrs & bit]
+    if missing:
+        raise AkAttributesError(f"AK lacks {', '.join(missing)} (objectAttributes 0x{attrs:08x})")
+    if attrs & TPMA_OBJECT_DECRYPT:
+        raise AkAttributesError(f"AK has decrypt set (objectAttributes 0x{attrs:08x})")
+    if ak.name_alg not in _AK_NAME_ALGS:
+        raise AkAlgorithmError(f"AK nameAlg 0x{ak.name_alg:04x} is not SHA-256/384/512")
+    if ak.sym_alg != TPM_ALG_NULL:
+        raise AkAlgorithmError(f"AK has a symmetric algorithm 0x{ak.sym_alg:04x}")
+    if ak.type == TPM_ALG_ECC:
+        if ak.curve not in _AK_ECC_HASHES:
+            raise AkAlgorithmError(f"AK curve 0x{ak.curve:04x} is not NIST P-256/P-384")
+        if ak.scheme != TPM_ALG_ECDSA:
+            raise AkAlgorithmError(f"ECC AK scheme 0x{ak.scheme:04x} is not ECDSA")
+        if ak.scheme_hash not in _AK_ECC_HASHES[ak.curve]:
+            raise AkAlgorithmError(f"ECC AK scheme hash 0x{ak.scheme_hash:04x} is not SHA-256/384")
+    elif ak.type == TPM_ALG_RSA:
+        if ak.key_bits < _AK_MIN_RSA_BITS:
+            raise AkAlgorithmError(f"RSA AK has {ak.key_bits} bits (< {_AK_MIN_RSA_BITS})")
+        if ak.scheme not in (TPM_ALG_RSASSA, TPM_ALG_RSAPSS):
+            raise AkAlgorithmError(f"RSA AK scheme 0x{ak.scheme:04x} is not RSASSA or RSAPSS")
+        if ak.scheme_hash not in _AK_SCHEME_HASHES:
+            raise AkAlgorithmError(f"RSA AK scheme hash 0x{ak.scheme_hash:04x} is not SHA-2")
+    else:
+        raise AkAlgorithmError(f"AK type 0x{ak.type:04x} is not ECC or RSA")
 
 
 # --- Quote verification --------------------------------------------------------------
@@ -533,6 +666,13 @@ def _check_signature(key: PublicKey, attest: bytes, sig: TpmSignature) -> None:
                 raise WrongKey("ECDSA signature but the AK is not an ECC key")
             der = encode_dss_signature(int.from_bytes(sig.r, "big"), int.from_bytes(sig.s, "big"))
             key.verify(der, attest, ec.ECDSA(algo))
+        elif isinstance(sig, RsapssSignature):
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise WrongKey("RSAPSS signature but the AK is not an RSA key")
+            # TPMs differ in the salt length they use (digest size or the maximum):
+            # the salt length is read from the signature itself.
+            pss = padding.PSS(mgf=padding.MGF1(algo), salt_length=padding.PSS.AUTO)
+            key.verify(sig.sig, attest, pss, algo)
         else:
             if not isinstance(key, rsa.RSAPublicKey):
                 raise WrongKey("RSASSA signature but the AK is not an RSA key")
@@ -754,75 +894,147 @@ def make_credential(
 # --- EK certificates -----------------------------------------------------------------
 
 
-def _load_cert(data: bytes | x509.Certificate) -> x509.Certificate:
+#: TCG EK Credential Profile OIDs: TPM attributes in the SAN's directoryName, and the
+#: EKU that makes a certificate an EK certificate (and not, say, the platform
+#: certificate swtpm_localca issues for the same key with 2.23.133.8.2).
+OID_TCG_AT_TPM_MANUFACTURER = "2.23.133.2.1"
+OID_TCG_AT_TPM_MODEL = "2.23.133.2.2"
+OID_TCG_AT_TPM_VERSION = "2.23.133.2.3"
+OID_TCG_KP_EK_CERTIFICATE = "2.23.133.8.1"
+_TPM_ATTRIBUTES = {
+    OID_TCG_AT_TPM_MANUFACTURER: "tpmManufacturer",
+    OID_TCG_AT_TPM_MODEL: "tpmModel",
+    OID_TCG_AT_TPM_VERSION: "tpmVersion",
+}
+# Root, vendor intermediates (some vendors have two levels), EK certificate.
+_EK_MAX_CHAIN_DEPTH = 4
+
+
+def _load_certs(data: bytes | x509.Certificate) -> list[x509.Certificate]:
     if isinstance(data, x509.Certificate):
-        return data
+        return [data]
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise EkCertificateError(f"not an X.509 certificate: {exc}") from None
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
         return False
     try:
-        cert.verify_directly_issued_by(issuer)
+        cert.verify_directly_issued_by(cert)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+# Extension validators, called by cryptography's path validation; raising fails the
+# candidate chain and the message ends up in the VerificationError.
+
+
+def _issuer_is_ca(_p: Policy, cert: x509.Certificate, bc: x509.BasicConstraints) -> None:
+    if not bc.ca:
+        raise ValueError(f"issuer {cert.subject.rfc4514_string()!r} is not a CA")
+
+
+def _issuer_may_sign(_p: Policy, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
+    if ku is not None and not ku.key_cert_sign:
+        raise ValueError(f"issuer {cert.subject.rfc4514_string()!r} lacks keyCertSign")
+
+
+def _ek_not_ca(_p: Policy, _cert: x509.Certificate, bc: x509.BasicConstraints | None) -> None:
+    if bc is not None and bc.ca:
+        raise ValueError("an EK certificate must not be a CA certificate")
+
+
+def _ek_key_usage(_p: Policy, cert: x509.Certificate, ku: x509.KeyUsage) -> None:
+    # An EK decrypts (RSA: credential seeds by OAEP) or agrees keys (ECC: ECDH);
+    # it never signs, which the TCG profile states through keyUsage.
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and not ku.key_encipherment:
+        raise ValueError("RSA EK certificate without keyUsage keyEncipherment")
+    if isinstance(key, ec.EllipticCurvePublicKey) and not ku.key_agreement:
+        raise ValueError("ECC EK certificate without keyUsage keyAgreement")
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError(f"EK key type {type(key).__name__} is not RSA or ECC")
+
+
+def _ek_eku(_p: Policy, _cert: x509.Certificate, eku: x509.ExtendedKeyUsage) -> None:
+    if x509.ObjectIdentifier(OID_TCG_KP_EK_CERTIFICATE) not in eku:
+        raise ValueError(
+            f"extendedKeyUsage lacks tcg-kp-EKCertificate ({OID_TCG_KP_EK_CERTIFICATE})"
+        )
+
+
+def _ek_san(_p: Policy, _cert: x509.Certificate, san: x509.SubjectAlternativeName) -> None:
+    found: set[str] = set()
+    for name in san.get_values_for_type(x509.DirectoryName):
+        for attr in name:
+            if attr.oid.dotted_string in _TPM_ATTRIBUTES and attr.value:
+                found.add(attr.oid.dotted_string)
+    missing = [label for oid, label in _TPM_ATTRIBUTES.items() if oid not in found]
+    if missing:
+        raise ValueError(f"subjectAltName directoryName lacks {', '.join(missing)}")
+
+
+def _ek_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
+    """Extension policies (CA, EK) of the TCG EK Credential Profile.
+
+    Not the Web PKI's: an EK certificate has no serverAuth/clientAuth EKU, an
+    often empty subject with a critical SAN that holds a directoryName, and an
+    RSA key usable only for encipherment. Unknown critical extensions still
+    fail; basicConstraints path lengths are enforced by the path building.
+    """
+    ca = (ExtensionPolicy.permit_all()
+          .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, _issuer_is_ca)
+          .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _issuer_may_sign))
+    ee = (ExtensionPolicy.permit_all()
+          .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, _ek_not_ca)
+          .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _ek_key_usage)
+          .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ek_eku)
+          .require_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, _ek_san))
+    return ca, ee
 
 
 def validate_ek_certificate(
     cert_der_or_pem: bytes | x509.Certificate,
     ca_certs: Sequence[bytes | x509.Certificate],
 ) -> x509.Certificate:
-    """Check that an EK certificate chains to one of ``ca_certs``; return it.
+    """Check that ``cert_der_or_pem`` is an EK certificate from a trusted EK CA; return it.
 
-    ``ca_certs`` holds the trusted roots *and* any intermediates (swtpm_localca
-    signs EK certs with an intermediate under its root). EK certificates carry
-    TPM-specific content that generic path validation rejects: a critical SAN
-    with a directoryName of TPM attributes (TCG OIDs 2.23.133.2.x), no
-    serverAuth EKU, RSA keys usable only for encipherment. So the chain is built
-    and its signatures and validity periods checked explicitly, issuer CAs must
-    have basicConstraints CA=true; the leaf's extensions are not interpreted.
+    ``ca_certs`` holds the trusted roots *and* any intermediates (PEM bundles
+    allowed): self-signed certificates become trust anchors, the others
+    untrusted intermediates that must chain to one. Path validation is
+    cryptography's own (signatures, validity of every certificate,
+    basicConstraints CA and path length of each issuer, keyCertSign), with the
+    EK rules of the TCG EK Credential Profile on the leaf: keyUsage
+    keyEncipherment (RSA) / keyAgreement (ECC), EKU tcg-kp-EKCertificate,
+    SAN directoryName with tpmManufacturer, tpmModel and tpmVersion, not a CA.
     """
-    leaf = _load_cert(cert_der_or_pem)
-    pool = [_load_cert(c) for c in ca_certs]
-    if not pool:
-        raise EkCertificateError("no trusted CA certificates given")
-    current = leaf
-    for _depth in range(8):
-        _check_validity(current)
-        issuer = next((c for c in pool if _issued_by(current, c)), None)
-        if issuer is None:
-            raise EkCertificateError(
-                f"no trusted issuer for {current.subject.rfc4514_string()!r} "
-                f"(issuer {current.issuer.rfc4514_string()!r})"
-            )
-        try:
-            bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            raise EkCertificateError(
-                f"issuer {issuer.subject.rfc4514_string()!r} lacks basicConstraints"
-            ) from None
-        if not bc.ca:
-            raise EkCertificateError(f"issuer {issuer.subject.rfc4514_string()!r} is not a CA")
-        if issuer.issuer == issuer.subject and _issued_by(issuer, issuer):
-            _check_validity(issuer)
-            return leaf
-        current = issuer
-    raise EkCertificateError("certificate chain too long")
+    leaves = _load_certs(cert_der_or_pem)
+    if len(leaves) != 1:
+        raise EkCertificateError(f"expected one EK certificate, got {len(leaves)}")
+    leaf = leaves[0]
+    pool = [c for data in ca_certs for c in _load_certs(data)]
+    roots = [c for c in pool if _self_signed(c)]
+    intermediates = [c for c in pool if not _self_signed(c)]
+    if not roots:
+        raise EkCertificateError("no trusted root (self-signed) among the EK CA certificates")
+    ca_policy, ee_policy = _ek_policies()
+    verifier = (PolicyBuilder().store(Store(roots))
+                .max_chain_depth(_EK_MAX_CHAIN_DEPTH)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+                .build_client_verifier())
+    try:
+        verifier.verify(leaf, intermediates)
+    except VerificationError as exc:
+        raise EkCertificateError(f"{_describe(leaf)}: {exc}") from None
+    return leaf
 
 
-def _check_validity(cert: x509.Certificate) -> None:
-    import datetime
-
-    now = datetime.datetime.now(datetime.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise EkCertificateError(
-            f"certificate {cert.subject.rfc4514_string()!r} not valid now "
-            f"({cert.not_valid_before_utc} .. {cert.not_valid_after_utc})"
-        )
+def _describe(cert: x509.Certificate) -> str:
+    return (f"EK certificate serial {cert.serial_number:x} "
+            f"(issuer {cert.issuer.rfc4514_string()!r})")
