@@ -94,7 +94,7 @@ def webhook(deployment: LabDeployment) -> Iterator[list[dict[str, object]]]:
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             token = self.rfile.read(int(self.headers["Content-Length"])).decode()
-            status, jwks = deployment.call("GET", "/.well-known/jwks.json", b"")
+            _, jwks = deployment.call("GET", "/.well-known/jwks.json", b"")
             try:
                 received.append(verify_webhook(token, json.loads(jwks), issuer=deployment.http_url,
                                                seen=seen, max_age_s=60))

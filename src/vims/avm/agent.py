@@ -182,7 +182,8 @@ class Agent:
     def _connection(self) -> AvmConnection:
         return AvmConnection(
             avm_id=self.config.avm_id, cvms=list(self.targets),
-            capabilities=Capabilities(checks=list(ALL_CHECKS),
+            capabilities=Capabilities(checks=[c for c in ALL_CHECKS
+                                              if c not in self.config.skip_checks],
                                       backends=["file", "xen"]),
             make_evidence=self.vtpm.make_evidence, quote_report=self.vtpm.quote_report,
             outbox=self.outbox)
@@ -194,7 +195,8 @@ class Agent:
             by_interval: dict[float, list[str]] = defaultdict(list)
             params: dict[str, dict[str, Any]] = {}
             for spec in policy.checks:
-                if spec.id in ALL_CHECKS and spec.applies_to(name):
+                if spec.id in ALL_CHECKS and spec.applies_to(name) \
+                        and spec.id not in self.config.skip_checks:
                     by_interval[spec.interval_s].append(spec.id)
                     params[spec.id] = dict(spec.params)
             target.trace_params = params.get(TraceCheck.id)
@@ -223,8 +225,8 @@ class Agent:
     async def _requested_round(self, session: Session, event: RoundRequested) -> None:
         """A round the REM-S asked for: every check of the policy, answered at once."""
         policy = session.conn.policy
-        specs = [c for c in policy.checks if c.id in ALL_CHECKS
-                 and c.applies_to(event.cvm)] if policy else []
+        specs = [c for c in policy.checks if c.id in ALL_CHECKS and c.applies_to(event.cvm)
+                 and c.id not in self.config.skip_checks] if policy else []
         ids = sorted({c.id for c in specs}) if policy else list(DEFAULT_CHECKS)
         params = {c.id: dict(c.params) for c in specs}
         report = await asyncio.to_thread(self.targets[event.cvm].check, ids, params)

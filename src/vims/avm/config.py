@@ -38,6 +38,10 @@ class AvmConfig(StrictModel):
     reconnect_max_s: float = Field(default=5.0, gt=0, le=300)
     # Behaviour models (vims behaviour learn) the REM-S policy may name by digest.
     models_dir: Path | None = None
+    # Checks this agent never runs, whatever the policy asks (a check that crashes on
+    # some kernel, say). The REM-S still expects them: their C-VMs' verdicts lapse,
+    # naming them, so switching a check off here is never silent.
+    skip_checks: list[str] = Field(default_factory=list, max_length=64)
 
 
 def load(path: Path) -> AvmConfig:

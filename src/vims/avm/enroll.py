@@ -84,15 +84,17 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, An
     return data
 
 
-def enroll(config: AvmConfig, rems_url: str, token: str, timeout: float = 30.0) -> EnrollResult:
-    """Enroll this A-VM's vTPM with the REM-S at *rems_url* (its HTTP API)."""
+def enroll(config: AvmConfig, rems_url: str, token: str, timeout: float = 30.0,
+           ca: Path | None = None) -> EnrollResult:
+    """Enroll this A-VM's vTPM with the REM-S at *rems_url* (its HTTP API); an https
+    REM-S is verified against *ca* (default: the config's REM-S CA)."""
     from vims.tpm.attester import Attester  # tpm2-pytss: only where a TPM is used
 
     need_cert = not config.cert.exists()
     csr = _csr(config.avm_id, load_key(config.key)) if need_cert else None
     b64 = base64.b64encode
     with Attester(config.tpm_tcti) as tpm, httpx.Client(
-            base_url=rems_url, timeout=timeout, verify=rems_tls(config.ca),
+            base_url=rems_url, timeout=timeout, verify=rems_tls(ca or config.ca),
             headers={"Authorization": f"Bearer {token}"}) as client:
         tpm.create_ak()
         challenge = _post(client, "/v1/enroll", {

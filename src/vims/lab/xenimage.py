@@ -51,6 +51,7 @@ DOM0_PACKAGES = (
     # The TPM software stack that tpm2-pytss links (the A-VM agent quotes in dom0).
     "libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1",
     "libtss2-tctildr0", "libtss2-tcti-swtpm0", "libtss2-tcti-device0",
+    "libtss2-tcti-cmd0",
 )
 # What the A-VM needs in dom0: the runtime's dependencies without the test and
 # lint tools of requirements/runtime.txt.

@@ -4,10 +4,13 @@ What the pure quote verifier (``vims.tpm.verifier``) proves is that a quote is
 genuine and fresh. This module decides whether the REM-S may *believe* it:
 
 - TPM counters: ``safe`` must be set; per AK, resetCount and restartCount never
-  go down and, within one reset/restart epoch, the clock never goes back. A
-  higher resetCount or restartCount is a TPM reset or restart: accepted in a
-  handshake (and recorded as such), never in the middle of a session, where it
-  ends the session and needs a new handshake.
+  go down and the clock never goes back, across resets too: a TPM shut down in
+  order (TPM2_Shutdown) keeps its clock running, and one that was not reports
+  ``safe = 0`` (measured on swtpm 0.7.1: its clock falls back to the last value
+  saved). A higher resetCount or restartCount is a TPM reset or restart
+  (a reboot, a DRTM launch): accepted in a handshake (and recorded as such),
+  never in the middle of a session, where it ends the session and needs a new
+  handshake.
 - The event log: every PCR 23 event must be a known kind, about this A-VM or one
   of the C-VMs it named, and carry the digest the operator approved for it
   (agent code and configuration per A-VM; profile, baseline and local policy
@@ -49,8 +52,9 @@ def counter_step(stored: TpmCounters | None, new: TpmCounters, safe: bool,
                  in_session: bool) -> CounterStep:
     """Accept or refuse a quote's counters (see module doc); raise :class:`EvidenceRefused`."""
     if not safe:
-        raise EvidenceRefused("clock_unsafe", "the quote's clock is not safe (safe = 0): "
-                                              "the TPM's clock may have gone back")
+        raise EvidenceRefused("clock_unsafe", "the quote's clock is not safe (safe = 0): the "
+                                              "TPM was not shut down in order and its clock "
+                                              "may have gone back")
     if stored is None:
         return CounterStep()
     if new.reset_count < stored.reset_count:
@@ -64,7 +68,7 @@ def counter_step(stored: TpmCounters | None, new: TpmCounters, safe: bool,
     step = CounterStep(reset=new.reset_count > stored.reset_count,
                        restart=(new.reset_count == stored.reset_count
                                 and new.restart_count > stored.restart_count))
-    if not (step.reset or step.restart) and new.clock < stored.clock:
+    if new.clock < stored.clock:
         raise EvidenceRefused("counter_regression",
                               f"the TPM clock went back {stored.clock} -> {new.clock} ms")
     if in_session and (step.reset or step.restart):
