@@ -13,17 +13,20 @@ options:
   rems_url:
     description:
       - Base URL of the REM-S HTTP API, scheme, host and port without a path,
-        for example V(http://rems.example.org:8080).
+        for example V(https://rems.example.org:8080). The REM-S serves its API over
+        TLS with the REM-S CA's certificate (give O(ca_path)); plain V(http://) only
+        on its loopback gate listener.
     type: str
     required: true
   token:
     description:
-      - The REM-S admin bearer token.
+      - A REM-S bearer token of the scope the task needs (operator for writes and
+        on-demand attestation; read for reports, policies and verdicts).
       - Mutually exclusive with O(token_file).
     type: str
   token_file:
     description:
-      - File on the managed host holding the REM-S admin bearer token.
+      - File on the managed host holding the REM-S bearer token.
       - Mutually exclusive with O(token).
     type: path
   validate_certs:
@@ -33,7 +36,8 @@ options:
     default: true
   ca_path:
     description:
-      - CA bundle to verify the REM-S TLS certificate with.
+      - CA bundle to verify the REM-S TLS certificate with (the REM-S CA,
+        C(ca.pem) in the rems role's PKI directory).
     type: path
   http_timeout:
     description:

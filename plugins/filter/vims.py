@@ -63,8 +63,12 @@ def _report(data):
 
 
 def failed_checks(data):
-    """Ids of the checks whose status is not pass (for a report without per-check
-    statuses, as attest returns, the checks named by its findings)."""
+    """Ids of the checks whose status is not pass: of an attest result, every check of
+    the C-VM's policy that failed, erred or went stale (its ``checks`` map); of a
+    report, its checks (or, without per-check statuses, those its findings name)."""
+    if isinstance(data, Mapping) and isinstance(data.get("checks"), Mapping):
+        return sorted(str(k) for k, v in data["checks"].items()
+                      if v not in ("pass", "not_applicable"))
     report = _report(data)
     if isinstance(report, Mapping) and "checks" not in report:
         found = _search(FINDING_CHECKS, report, "failed_checks") or []
@@ -126,7 +130,8 @@ def verdict_table(rows):
             status = "%s (%s)" % (word, verdict.get("status"))
             tier = trust_tier(verdict) if isinstance(verdict.get("vector"), dict) else "-"
             failed = ",".join(failed_checks(verdict)) \
-                if isinstance(verdict.get("report"), Mapping) else ""
+                if isinstance(verdict.get("report"), Mapping) \
+                or isinstance(verdict.get("checks"), Mapping) else ""
         else:
             status, tier, failed = "NO VERDICT", "-", to_native(verdict.get("msg", ""))[:60] \
                 if isinstance(verdict, Mapping) else ""

@@ -42,6 +42,11 @@ options:
       - When false the task succeeds and RV(trusted) says what the REM-S decided.
     type: bool
     default: true
+  nonce:
+    description:
+      - The relying party's nonce (base64url, 8 to 64 bytes). The REM-S echoes it as
+        C(eat_nonce) in RV(ear), binding the answer to this request.
+    type: str
 seealso:
   - module: vims.attestation.vmi_check
   - module: vims.attestation.policy
@@ -88,6 +93,18 @@ vector:
   returned: success
   type: dict
   sample: {executables: 2, configuration: 2, hardware: 2}
+checks:
+  description:
+    - Each check of the C-VM's policy with its status now (pass, fail, stale, error,
+      not_applicable); C(avm.evidence) is the A-VM's own attestation.
+    - The C-VM is judged over all of them, not over the fresh report alone.
+  returned: success
+  type: dict
+  sample: {kernel.text: pass, kernel.syscall_table: fail, avm.evidence: pass}
+insecure_lab:
+  description: The REM-S trusts A-VMs without golden values (a lab, never production).
+  returned: success
+  type: bool
 ear:
   description: The signed EAR (JWT, ES256), or null when none was issued.
   returned: success
@@ -114,18 +131,23 @@ from ansible_collections.vims.attestation.plugins.module_utils._rems import (
 
 # What each REM-S refusal means for the operator, in one line.
 STATUS_MEANING = {
-    401: "the REM-S refused the admin token",
+    401: "the REM-S refused the token",
+    403: "this token's scope cannot attest (it needs an operator token)",
     404: "the REM-S does not know this C-VM",
     503: "no A-VM guarding this C-VM is connected to the REM-S",
     504: "the A-VM sent no fresh report in time",
 }
-FIELDS = ("cvm", "trusted", "status", "reason", "vector", "ear", "claims", "report")
+FIELDS = ("cvm", "trusted", "status", "reason", "vector", "checks", "ear", "claims", "report",
+          "insecure_lab")
 
 
-def attest(client, cvm, timeout):
+def attest(client, cvm, timeout, nonce=None):
     """The REM-S's answer to one on-demand round (a dict with FIELDS)."""
+    request = {"timeout_s": timeout}
+    if nonce:
+        request["nonce"] = nonce
     # The HTTP wait must outlast the REM-S's own wait for the A-VM.
-    _status, body = client.request("POST", "/v1/attest/%s" % cvm, {"timeout_s": timeout},
+    _status, body = client.request("POST", "/v1/attest/%s" % cvm, request,
                                    timeout=timeout + client.timeout)
     if not isinstance(body, dict) or not isinstance(body.get("trusted"), bool):
         raise RemsError("POST /v1/attest/%s: the REM-S answer is not an attestation result" % cvm)
@@ -139,6 +161,7 @@ def main() -> None:
             cvm=dict(type="str", required=True),
             timeout=dict(type="int", default=30),
             fail_on_untrusted=dict(type="bool", default=True),
+            nonce=dict(type="str"),
         ),
         mutually_exclusive=REMS_MUTUALLY_EXCLUSIVE,
         required_one_of=[("token", "token_file")],
@@ -149,7 +172,7 @@ def main() -> None:
         module.fail_json(msg="timeout must be within 1..600 seconds")
     client = RemsClient.from_module(module)
     try:
-        result = attest(client, p["cvm"], p["timeout"])
+        result = attest(client, p["cvm"], p["timeout"], p["nonce"])
     except RemsError as exc:
         meaning = STATUS_MEANING.get(exc.status)
         module.fail_json(msg="%s%s" % (exc, " (%s)" % meaning if meaning else ""),

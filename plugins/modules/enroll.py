@@ -16,6 +16,9 @@ description:
     (AK) to the EK with MakeCredential/ActivateCredential and stores the AK; only
     then does it trust quotes from this A-VM.
   - Idempotent. The REM-S reports whether it already had this AK for this A-VM.
+  - Give it the single-use enrollment token M(vims.attestation.avm_registration) issues
+    for this A-VM (O(token)), so the A-VM host never holds the operator token; the
+    REM-S refuses the token for any other A-VM or any other request, and after use.
   - The same work as C(vims avm enroll).
 author:
   - VIMS developers (@vims-dev)
@@ -46,8 +49,9 @@ EXAMPLES = r"""
 - name: Enroll the A-VM
   vims.attestation.enroll:
     config: /etc/vims/avm.toml
-    rems_url: http://rems.example.org:8080
-    token_file: /etc/vims/admin.token
+    rems_url: https://rems.example.org:8080
+    ca_path: /etc/vims/rems-ca.pem
+    token: "{{ registration.enrollment_token }}"
   vars:
     ansible_python_interpreter: /opt/vims/venv/bin/python
 """
@@ -99,8 +103,9 @@ def main() -> None:
                              "upgrade the runtime")
     token = rems_token(module)
     try:
+        ca = module.params.get("ca_path")
         res = enroll(load_avm_config(Path(module.params["config"])),
-                     module.params["rems_url"], token)
+                     module.params["rems_url"], token, ca=Path(ca) if ca else None)
     except VimsError as exc:
         module.fail_json(msg=str(exc))
     except Exception as exc:  # pylint: disable=broad-except

@@ -13,8 +13,11 @@ version_added: 0.1.0
 description:
   - Makes the REM-S hold the policy O(name) exactly as given (which checks, how
     often, the verdict rules) and assigns it to the C-VMs in O(cvms).
-  - Idempotent; the policy is compared with the REM-S's copy first, so only a real
-    change creates a new policy version (which the REM-S pushes to the A-VMs).
+  - Idempotent; the REM-S validates the policy with its own schema and compares it
+    with its copy (a dry run in check mode), so only a real change creates a new
+    policy version (which the REM-S pushes to the A-VMs).
+  - A C-VM is judged over every check of its policy; a check that stops reporting
+    for O(stale_after_intervals) of its own intervals makes the verdict lapse.
 author:
   - VIMS developers (@vims-dev)
 extends_documentation_fragment:
@@ -64,9 +67,16 @@ options:
     type: dict
   stale_after_intervals:
     description:
-      - The verdict lapses when no valid report arrived for this many check intervals.
+      - A check's passing result counts for this many of its own intervals; a check
+        with no newer result makes the C-VM's verdict lapse (the gate denies it).
+      - 1 to 100.
     type: int
     default: 3
+  heartbeat_s:
+    description:
+      - Seconds between heartbeats on an idle control channel (0.5 to 3600).
+    type: float
+    default: 5
   quote_every:
     description:
       - Every N-th report is bound to a fresh vTPM quote.
@@ -113,6 +123,10 @@ version:
   returned: success
   type: int
   sample: 2
+policy:
+  description: The policy as the REM-S stores it (validated, defaults made explicit).
+  returned: success
+  type: dict
 assigned:
   description: C-VMs whose assignment the task changed (or would change in check mode).
   returned: success
@@ -142,40 +156,30 @@ def _check(spec):
 
 
 def desired_policy(params):
-    """The policy body as the REM-S stores it (its name included)."""
+    """The policy body as the operator wrote it (the REM-S validates and normalizes it)."""
     body = dict(
-        name=params["name"],
         checks=[_check(c) for c in params["checks"]],
         stale_after_intervals=params["stale_after_intervals"],
         quote_every=params["quote_every"],
+        heartbeat_s=params["heartbeat_s"],
     )
     if params["verdict"] is not None:
         body["verdict"] = params["verdict"]
     return body
 
 
-def _normal(policy):
-    """Compare intervals as numbers (10 and 10.0 are the same policy)."""
-    if not isinstance(policy, dict):
-        return policy
-    out = dict(policy)
-    out["checks"] = [dict(c, interval_s=float(c.get("interval_s", 10)))
-                     for c in policy.get("checks", [])]
-    return out
-
-
 def current_state(client, name):
-    """(stored policy body or None, stored version or None, {cvm: policy name})."""
+    """(stored policy body or None, {cvm: policy name})."""
     try:
         _s, found = client.request("GET", "/v1/policies/%s" % name)
-        stored, version = found["policy"], found["version"]
+        stored = found["policy"]
     except RemsError as exc:
         if exc.status != 404:
             raise
-        stored, version = None, None
+        stored = None
     _s, rows = client.request("GET", "/v1/cvms")
     assignments = dict((r["cvm"], r.get("policy")) for r in rows or [])
-    return stored, version, assignments
+    return stored, assignments
 
 
 def main() -> None:
@@ -191,6 +195,7 @@ def main() -> None:
             verdict=dict(type="dict"),
             stale_after_intervals=dict(type="int", default=3),
             quote_every=dict(type="int", default=5),
+            heartbeat_s=dict(type="float", default=5),
             cvms=dict(type="list", elements="str", default=[]),
         ),
         mutually_exclusive=REMS_MUTUALLY_EXCLUSIVE,
@@ -200,14 +205,16 @@ def main() -> None:
     p = module.params
     client = RemsClient.from_module(module)
     want = desired_policy(p)
+    path = "/v1/policies/%s" % p["name"]
     try:
-        stored, version, assignments = current_state(client, p["name"])
-        policy_changed = _normal(stored) != _normal(want)
+        stored, assignments = current_state(client, p["name"])
+        # The REM-S validates (one schema for API, loader and this module) and says
+        # whether it would change; in check mode nothing is written.
+        _s, put = client.request("PUT", path + ("?dry_run=true" if module.check_mode else ""),
+                                 want)
+        policy_changed, version, normal = put["changed"], put["version"], put["policy"]
         to_assign = [c for c in p["cvms"] if assignments.get(c) != p["name"]]
         if not module.check_mode:
-            if policy_changed:
-                _s, put = client.request("PUT", "/v1/policies/%s" % p["name"], want)
-                version = put["version"]
             for cvm in to_assign:
                 client.request("PUT", "/v1/cvms/%s/policy" % cvm, {"policy": p["name"]})
     except RemsError as exc:
@@ -215,12 +222,13 @@ def main() -> None:
     except (KeyError, TypeError) as exc:
         module.fail_json(msg="unexpected REM-S answer: missing %s" % exc)
 
-    result = dict(changed=policy_changed or bool(to_assign), version=version, assigned=to_assign)
+    result = dict(changed=policy_changed or bool(to_assign), version=version,
+                  assigned=to_assign, policy=normal)
     if module._diff:
         before_cvms = sorted(c for c, pol in assignments.items() if pol == p["name"])
         result["diff"] = dict(
             before=dict(policy=stored, cvms=before_cvms),
-            after=dict(policy=want, cvms=sorted(set(before_cvms) | set(p["cvms"]))),
+            after=dict(policy=normal, cvms=sorted(set(before_cvms) | set(p["cvms"]))),
         )
     module.exit_json(**result)
 

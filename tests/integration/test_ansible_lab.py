@@ -1,7 +1,9 @@
 """The collection end to end on the one-machine lab: playbooks/site.yml converges
 (REM-S, gate, A-VM with swtpm, lab C-VM), a second run changes nothing,
 ``--check`` attests for real and changes nothing, a host-side syscall hook makes
-attest.yml fail the C-VM (403 at the gate), and undoing it makes it pass again.
+attest.yml fail the C-VM (403 at the gate), a re-run of site.yml on the hooked
+C-VM neither trusts it nor takes the rootkit into a new baseline, and undoing
+the hook makes it pass again.
 
 Runs the controller venv's ansible-playbook as a user would, with its own lab
 root, run directory and ports (extra vars), so it never touches a running demo.
@@ -65,7 +67,7 @@ def ansible_lab() -> Iterator[Lab]:
         "vims_lab_root": str(root / "state"), "vims_lab_run_dir": str(root / "run"),
         "vims_lab_log_dir": str(root / "log"),
         "vims_lab_rems_http_port": free_port(), "vims_lab_rems_channel_port": free_port(),
-        "avm_swtpm_port": free_port(2),  # and the next port (control)
+        "vims_lab_rems_gate_port": free_port(),
         "lab_cvm_name": "ansiblecvm1",
         "cvm_gate_route": {"cvm": "cvm1", "listen": f"127.0.0.1:{gate}"},
     })
@@ -106,6 +108,21 @@ def test_attack_is_denied_and_undo_allowed(ansible_lab: Lab) -> None:
     assert re.search(r"cvm1\s+UNTRUSTED \(contraindicated\)\s+contraindicated\s+403\s+"
                      r"kernel\.syscall_table", out), out[-2000:]
     assert "syscall 246 hooked" in out
+
+    # site.yml again on the hooked C-VM: the baseline is not rebuilt from its memory, the
+    # C-VM stays untrusted; asking for a new baseline is refused while it fails its own.
+    baseline = ansible_lab.root / "state" / "avm" / "cvms" / "cvm1" / "baseline.json"
+    pinned = baseline.read_bytes()
+    rc, out, recap = ansible_lab.play("site.yml")
+    assert rc == 2, out[-3000:]
+    assert recap["cvm1"][1] == 1
+    assert re.search(r"cvm1\s+UNTRUSTED", out), out[-2000:]
+    assert baseline.read_bytes() == pinned
+    rc, out, recap = ansible_lab.play("site.yml", "-e", "avm_baseline_update=true")
+    assert rc == 2, out[-3000:]
+    assert recap["lab-avm"][1] == 1, out[-3000:]
+    assert "pass its current baseline" in out
+    assert baseline.read_bytes() == pinned
 
     rc, out, _ = ansible_lab.play("lab-attack.yml", "-e", "lab_attack=undo")
     assert rc == 0, out[-2000:]

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -48,20 +49,27 @@ pki = root / "pki"; pki.mkdir()
 ca = CertificateAuthority.create()
 (pki / "ca.pem").write_bytes(ca.cert_pem)
 ca.issued.write(pki / "ca.pem", pki / "ca.key")
-ca.issue_server(["rems", "localhost"]).write(pki / "rems.pem", pki / "rems.key")
-_, http = write_rems_config(root / "rems.toml", state=root, pki=pki,
-                            token_file=root / "admin.token", ek_ca_certs=[], pcr17_hex="00" * 32)
+ca.issue_server(["rems", "localhost", "127.0.0.1"]).write(pki / "rems.pem", pki / "rems.key")
+_, http, _gate = write_rems_config(root / "rems.toml", state=root, pki=pki,
+                                   token_file=root / "admin.token", ek_ca_certs=[],
+                                   pcr17_hex="00" * 32)
 print(http)
 """
 
 
 class Rems:
-    def __init__(self, url: str, token_file: Path) -> None:
+    """A REM-S over HTTPS (its CA: ``ca``), read with the operator token."""
+
+    def __init__(self, url: str, token_file: Path, ca: Path) -> None:
         self.url = url
         self.token_file = token_file
+        self.ca = ca
 
     def get(self, path: str) -> object:
-        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+        req = urllib.request.Request(self.url + path, headers={
+            "Authorization": f"Bearer {self.token_file.read_text().strip()}"})
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
             return json.loads(r.read())
 
 
@@ -74,7 +82,8 @@ def rems(tmp_path: Path) -> Iterator[Rems]:
     token_file.write_text(TOKEN + "\n")
     port = subprocess.run([str(RUNTIME_PY), "-c", _REMS_SETUP, str(tmp_path)], check=True,
                           capture_output=True, text=True, timeout=60).stdout.strip()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "pki" / "ca.pem"))
     log = (tmp_path / "rems.log").open("wb")
     proc = subprocess.Popen([str(RUNTIME_PY), "-m", "vims.cli", "rems", "serve", "--config",
                              str(tmp_path / "rems.toml")], stdout=log, stderr=log)
@@ -82,13 +91,13 @@ def rems(tmp_path: Path) -> Iterator[Rems]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(url + "/openapi.json", timeout=1).close()
+                urllib.request.urlopen(url + "/openapi.json", timeout=1, context=ctx).close()
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((tmp_path / "rems.log").read_text()[-500:]) from None
                 time.sleep(0.1)
-        yield Rems(url, token_file)
+        yield Rems(url, token_file, tmp_path / "pki" / "ca.pem")
     finally:
         proc.terminate()
         proc.wait(10)

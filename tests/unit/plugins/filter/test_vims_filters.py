@@ -32,6 +32,16 @@ def test_failed_checks_of_an_attest_result_come_from_its_findings() -> None:
     assert f.failed_checks({"report": {"seq": 4, "result": "pass", "findings": []}}) == []
 
 
+def test_failed_checks_of_an_attest_result_with_the_policys_checks() -> None:
+    """A C-VM is judged over every check of its policy: a stale or failed one counts,
+    though the fresh report's findings name none."""
+    result = {"trusted": False, "report": {"seq": 9, "result": "pass", "findings": []},
+              "checks": {"kernel.text": "stale", "kernel.syscall_table": "fail",
+                         "process.hidden": "pass", "kernel.idt": "not_applicable",
+                         "avm.evidence": "pass"}}
+    assert f.failed_checks(result) == ["kernel.syscall_table", "kernel.text"]
+
+
 def test_findings_by_severity() -> None:
     assert [x["summary"] for x in f.findings_by_severity(REPORT)] == ["hook"]
     assert [x["summary"] for x in f.findings_by_severity(REPORT, "medium")] == ["odd"]

@@ -1,15 +1,16 @@
-"""policy and attest against a real REM-S (the runtime's ``vims rems serve``)."""
+"""policy, attest and avm_registration against a real REM-S (the runtime's ``vims rems serve``)."""
 
 from __future__ import annotations
 
-from ansible_collections.vims.attestation.plugins.modules import attest, policy
+from ansible_collections.vims.attestation.plugins.modules import attest, avm_registration, policy
 
 from ..conftest import TOKEN, Rems, run_module
 
 
 def policy_args(rems: Rems, **over: object) -> dict[str, object]:
     args: dict[str, object] = {
-        "rems_url": rems.url, "token_file": str(rems.token_file), "name": "lab",
+        "rems_url": rems.url, "ca_path": str(rems.ca), "token_file": str(rems.token_file),
+        "name": "lab",
         "checks": [{"id": "kernel.text", "interval_s": 10},
                    {"id": "kernel.syscall_table", "interval_s": 2}],
         "quote_every": 3, "cvms": ["cvm1"]}
@@ -74,11 +75,12 @@ def test_policy_rejected_check_id_is_reported(rems: Rems) -> None:
     failed, r = run_module(policy.main, policy_args(rems, checks=[{"id": "Not An Id"}]))
     assert failed
     assert "HTTP 422" in str(r["msg"])
-    assert "check needs an id" in str(r["msg"])
+    assert "checks.0.id" in str(r["msg"])
 
 
 def test_attest_unknown_and_unguarded_cvm(rems: Rems) -> None:
-    args = {"rems_url": rems.url, "token": TOKEN, "cvm": "nosuch", "timeout": 2}
+    args = {"rems_url": rems.url, "ca_path": str(rems.ca), "token": TOKEN, "cvm": "nosuch",
+            "timeout": 2}
     failed, r = run_module(attest.main, args)
     assert failed
     assert r["http_status"] == 404
@@ -121,3 +123,74 @@ def test_policy_check_params_are_stored_and_idempotent(rems: Rems) -> None:
         rems, checks=[{"id": "behaviour.trace", "interval_s": 2}]))
     assert failed
     assert "needs params" in str(r["msg"])
+
+
+def registration_args(rems: Rems, **over: object) -> dict[str, object]:
+    args: dict[str, object] = {
+        "rems_url": rems.url, "ca_path": str(rems.ca), "token_file": str(rems.token_file),
+        "avm_id": "avm1", "cvms": ["cvm1"],
+        "references": [{"kind": "agent-code", "subject": "avm1", "digest": "a1" * 32},
+                       {"kind": "baseline", "subject": "cvm1", "digest": "b1" * 32,
+                        "scope": "cvm"}]}
+    args.update(over)
+    return args
+
+
+def test_avm_registration_check_real_idempotent_check_idempotent_real(rems: Rems) -> None:
+    failed, r = run_module(avm_registration.main, registration_args(rems), check_mode=True,
+                           diff=True)
+    assert not failed, r
+    assert r["changed"]
+    assert r["bound"] == ["cvm1"]
+    assert r["references_changed"] == ["agent-code:avm1", "baseline:cvm1"]
+    assert r["diff"]["after"]["bindings"] == {"cvm1": "avm1"}
+    assert rems.get("/v1/avms/avm1") == {"avm": "avm1", "enrolled": False, "cvms": [],
+                                         "references": {}}  # check mode wrote nothing
+    failed, r = run_module(avm_registration.main, registration_args(rems))
+    assert not failed, r
+    assert r["changed"]
+    assert rems.get("/v1/avms/avm1") == {"avm": "avm1", "enrolled": False, "cvms": ["cvm1"],
+                                         "references": {"agent-code": "a1" * 32}}
+    for check_mode in (True, False):
+        failed, r = run_module(avm_registration.main, registration_args(rems),
+                               check_mode=check_mode)
+        assert not failed, r
+        assert not r["changed"]
+
+
+def test_avm_registration_never_moves_a_cvm_silently(rems: Rems) -> None:
+    run_module(avm_registration.main, registration_args(rems))
+    other = registration_args(rems, avm_id="avm2", references=[])
+    failed, r = run_module(avm_registration.main, other)
+    assert failed
+    assert "bound to another A-VM: cvm1 (avm1)" in str(r["msg"])
+    failed, r = run_module(avm_registration.main, dict(other, move=True))
+    assert not failed, r
+    assert r["bound"] == ["cvm1"]
+    assert rems.get("/v1/avms/avm2")["cvms"] == ["cvm1"]  # type: ignore[index]
+
+
+def test_avm_registration_enrollment_token_does_nothing_else(rems: Rems) -> None:
+    import urllib.error
+
+    failed, r = run_module(avm_registration.main, registration_args(
+        rems, cvms=[], references=[], enrollment_token=True))
+    assert not failed, r
+    token = str(r["enrollment_token"])
+    assert token.startswith("vims_")
+    args = policy_args(rems, token=token)
+    del args["token_file"]
+    failed, r = run_module(policy.main, args)
+    assert failed
+    assert "HTTP 403" in str(r["msg"])  # the REM-S refuses it for anything but enrollment
+    try:
+        Rems(rems.url, rems.token_file, rems.ca).get("/v1/policies/lab")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404  # (the operator token reads; nothing was written)
+
+
+def test_avm_registration_refuses_a_bad_digest(rems: Rems) -> None:
+    failed, r = run_module(avm_registration.main, registration_args(rems, references=[
+        {"kind": "baseline", "subject": "cvm1", "digest": "not-a-digest"}]))
+    assert failed
+    assert "sha256 hex" in str(r["msg"])
