@@ -138,8 +138,12 @@ def test_tpm_counters_never_go_back_across_rems_restarts(tmp_path: Path) -> None
         assert not ok
         assert needle in reason
     assert handshake(again, clock=9100, reset=3, restart=2)[0]
-    # A reset (a reboot of the A-VM's TPM) is believed in a handshake, and on the record.
-    assert handshake(again, clock=100, reset=4, restart=0)[0]
+    # A reset (an orderly reboot of the A-VM's TPM: its clock runs on) is believed in a
+    # handshake, and on the record; one whose clock fell back is not.
+    ok, reason = handshake(again, clock=100, reset=4, restart=0)
+    assert not ok
+    assert "clock went back" in reason
+    assert handshake(again, clock=9300, reset=4, restart=0)[0]
     assert ("tpm-reset", "avm1") in [(k, s) for k, s, _ in again._audits]
 
 
@@ -161,7 +165,7 @@ def test_report_quotes_must_keep_the_handshakes_pcrs_and_tpm_epoch(tmp_path: Pat
     att = Attestation("avm1")
     assert handshake(rems, att, clock=6000)[0]
     reset = rems.verify_report_quote(att, NONCE, digest, quote(
-        hashlib.sha256(NONCE + digest).digest(), clock=10, reset=4))
+        hashlib.sha256(NONCE + digest).digest(), clock=6100, reset=4))
     assert not reset.ok
     assert "a new handshake is needed" in reset.reason
 
