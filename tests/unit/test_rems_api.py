@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 from typing import Any
@@ -123,11 +125,27 @@ def test_writes_need_the_operator_token(rems: tuple[RemsService, TestClient, Clo
     {"checks": [{"id": "kernel.text", "params": {"bad key!": 1}}]},
     {"verdict": {"rules": [{"name": "r", "when": "[?", "category": "configuration",
                             "tier": "warning"}]}},
+    # Values that broke a REM-S later (issue 20): each is refused when it is put.
+    {"checks": [{"id": "kernel.text"}], "quote_every": 0},
+    {"checks": [{"id": "kernel.text"}], "quote_every": "3"},
+    {"checks": [{"id": "kernel.text"}], "heartbeat_s": -1},
+    {"checks": [{"id": "kernel.text"}], "stale_after_intervals": "3"},
+    {"checks": [{"id": "kernel.text"}], "stale_after_intervals": 1e308},
+    {"checks": [{"id": "kernel.text", "interval_s": float("nan")}]},
+    {"checks": [{"id": "kernel.text", "interval_s": float("inf")}]},
+    {"checks": [{"id": "kernel.text"}], "verdict": "x"},
+    {"checks": [{"id": "kernel.text"}], "surprise": 1},
+    {"checks": [{"id": "kernel.text"}, {"id": "kernel.text", "interval_s": 1}]},
+    {"checks": []},
 ])
 def test_bad_policies_are_refused(rems: tuple[RemsService, TestClient, Clock],
                                   body: dict[str, Any]) -> None:
     service, client, _ = rems
-    assert client.put("/v1/policies/bad", json=body, headers=AUTH).status_code == 422
+    raw = json.dumps(body).encode()  # NaN and Infinity as Python's json writes them
+    r = client.put("/v1/policies/bad", content=raw,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "\n" not in r.json()["detail"]  # one line, whatever was wrong
     assert service.store.get_policy("bad") is None
 
 
@@ -226,3 +244,42 @@ def test_references_are_approved_per_kind(rems: tuple[RemsService, TestClient, C
         "baseline": digest}
     assert client.delete("/v1/cvms/cvm1/references/baseline", headers=AUTH).json()[
         "changed"] is True
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"timeout_s": NaN}', b'{"timeout_s": Infinity}', b'{"timeout_s": 1e309}',
+    b'{"timeout_s": -1}', b'{"nonce": "not base64url!"}', b'[1, 2]'])
+def test_bad_attest_requests_are_4xx_not_500(rems: tuple[RemsService, TestClient, Clock],
+                                             raw: bytes) -> None:
+    _, client, _ = rems
+    r = client.post("/v1/attest/cvm1", content=raw,
+                    headers={**AUTH, "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, (raw, r.status_code, r.text)
+
+
+def test_strings_that_cannot_be_stored_are_refused(
+        rems: tuple[RemsService, TestClient, Clock]) -> None:
+    service, client, _ = rems
+    lone = '{"checks": [{"id": "kernel.text"}], "verdict": {"rules": [{"name": "\\ud800", ' \
+        '"when": "`true`", "category": "configuration", "tier": "warning"}]}}'
+    r = client.put("/v1/policies/p", content=lone.encode(),
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert service.store.get_policy("p") is None
+    r = client.post("/v1/tokens", content=b'{"scope": "read", "note": "\\udc00"}',
+                    headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
+def test_bodies_are_bounded_and_need_a_token_first(
+        rems: tuple[RemsService, TestClient, Clock]) -> None:
+    service, client, _ = rems
+    big = b"[" + b"1," * 300_000 + b"1]"
+    r = client.put("/v1/policies/p", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413  # too long, by its Content-Length: not read at all
+    r = client.put("/v1/policies/p", content=b"[1]",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 401  # no token: refused before the body is read
+    r = client.put("/v1/policies/p", content=big, headers={**AUTH, "Content-Length": "5"})
+    assert r.status_code in (400, 413, 422)
+    assert service.store.get_policy("p") is None

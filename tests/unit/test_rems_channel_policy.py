@@ -186,3 +186,36 @@ def audit_entries(rems: RemsServer) -> list[dict[str, Any]]:
 
     with rems.store.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(select(schema.audit))]
+
+
+def test_timed_out_attest_rounds_give_their_slots_back(rems: RemsServer) -> None:
+    """An A-VM that never answers: 20 rounds time out (504), then one more is asked
+    (before, every attest after 16 timeouts was a 503 for the channel's lifetime)."""
+    from vims.protocol.testing import Pair
+    from vims.rems.api import AttestFailed
+
+    pair = Pair()
+    pair.handshake()
+    asked: list[str] = []
+
+    class Silent:  # the session of an A-VM that never answers a round request
+        conn = pair.rems
+
+        def request_round(self, cvm: str) -> str:
+            request_id = pair.rems.request_round(cvm, pair.clock.now)
+            asked.append(request_id)
+            return request_id
+
+    rems.sessions["web"] = Silent()  # type: ignore[assignment]
+
+    async def scenario() -> list[int]:
+        codes = []
+        for _ in range(21):
+            try:
+                await rems.attest("web", 0.01)
+            except AttestFailed as exc:
+                codes.append(exc.status)
+        return codes
+
+    assert asyncio.run(scenario()) == [504] * 21
+    assert len(asked) == 21  # every round was really asked, none refused for slots

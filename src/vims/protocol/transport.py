@@ -160,16 +160,32 @@ async def serve(
     ssl_ctx: ssl.SSLContext,
     make_connection: Callable[[str, float], RemsConnection],
     on_event: EventHandler | None = None,
+    *,
+    max_connections: int = 4096,
+    handshake_timeout_s: float = 10.0,
 ) -> asyncio.Server:
     """Start the REM-S listener; ``make_connection(peer_avm_id, now)`` builds each core.
 
     The avm_id comes from the verified client certificate; a connection whose
     core does not carry it as ``peer_avm_id`` is refused, so a misconfigured
     factory cannot switch the identity check off. Each core is bound to its TLS
-    channel (:func:`channel_binding`) before it reads a byte.
+    channel (:func:`channel_binding`) before it reads a byte. At most
+    ``max_connections`` sessions run at once (more are closed at once), and a
+    TLS handshake must complete within ``handshake_timeout_s``.
     """
+    live: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(live) >= max_connections:
+            writer.transport.abort()
+            return
+        live.add(writer)
+        try:
+            await _handle(reader, writer)
+        finally:
+            live.discard(writer)
+
+    async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         avm_id = peer_avm_id(writer.get_extra_info("peercert"))
         try:
             binding = channel_binding(writer)
@@ -186,7 +202,8 @@ async def serve(
         session = Session(reader, writer, conn, on_event)
         await session.run()
 
-    return await asyncio.start_server(handle, host, port, ssl=ssl_ctx)
+    return await asyncio.start_server(handle, host, port, ssl=ssl_ctx,
+                                      ssl_handshake_timeout=handshake_timeout_s)
 
 
 async def connect(

@@ -26,14 +26,16 @@ from typing import Annotated, Any, Literal
 
 import jwt
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vims import __version__
 from vims.rems import ear
 from vims.rems.config import LOOPBACK, Network, RemsConfig
 from vims.rems.enroll import Enroller, EnrollmentError
 from vims.rems.evidence import AVM_KINDS, CVM_KINDS
+from vims.rems.httpguard import BodyGuard
 from vims.rems.policy import parse_policy
 from vims.rems.service import RemsService
 from vims.rems.store import BindingConflict, StoreError, Token
@@ -57,6 +59,17 @@ class AttestFailed(Exception):
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON may carry lone surrogates; stored or logged they would fail later (a 500).
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode (a lone surrogate)") from None
+        return value
 
 
 class AttestRequest(_Body):
@@ -167,7 +180,17 @@ def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
     app = FastAPI(title="VIMS REM-S", version=__version__,
                   description="Verdicts on C-VMs from A-VM introspection reports.")
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+    @app.exception_handler(RequestValidationError)
+    async def one_line(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one line; never the offending input (NaN would not even serialize)."""
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return JSONResponse({"detail": f"{where}: {msg}"[:300]}, status_code=422)
+
+    def principal_of(authorization: str | None) -> Principal | None:
+        """Who a bearer token is (any scope), or None for no, a wrong or a spent token."""
         given = (authorization or "").removeprefix("Bearer ").strip()
         if given and hmac.compare_digest(given.encode(), cfg.admin_token.encode()):
             return Principal("operator")
@@ -175,8 +198,14 @@ def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
         if token is not None and (token.expires_at is None or token.expires_at > time.time()) \
                 and not (token.scope == "enroll" and token.used_at is not None):
             return Principal(token.scope, token.avm_id, token.token_id)
-        raise HTTPException(401, "authentication required",
-                            headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> Principal:
+        who = principal_of(authorization)
+        if who is None:
+            raise HTTPException(401, "authentication required",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return who
 
     def require(*scopes: str) -> Callable[..., Principal]:
         def check(who: Principal = Depends(principal)) -> Principal:  # noqa: B008
@@ -453,6 +482,8 @@ def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
                                   "</td></tr>", now=time.strftime("%Y-%m-%d %H:%M:%S"),
                                   version=__version__, banner=banner)
 
+    # Outermost: a body is read only after its token checked out, and only so far.
+    app.add_middleware(BodyGuard, authenticated=lambda h: principal_of(h) is not None)
     return app
 
 

@@ -29,10 +29,15 @@ def serve(config_path: Path, verbose: bool) -> None:
     import asyncio
     import logging
 
+    from vims.rems.httpguard import OncePerInterval
     from vims.rems.server import RemsServer
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A flood repeats the same error per socket (accept out of file descriptors, TLS
+    # handshakes cut off): once per interval is enough to see it, not to fill a disk.
+    for noisy in ("asyncio", "uvicorn.error"):
+        logging.getLogger(noisy).addFilter(OncePerInterval(10.0))
     server = RemsServer(config_mod.load(config_path))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.run())

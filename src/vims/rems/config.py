@@ -66,6 +66,14 @@ class RemsConfig(StrictModel):
     # Trust without golden PCR 17 and reference digests. Every decision, EAR and the
     # status page say so. Never in production.
     insecure_lab: bool = False
+    # Untrusted clients cost bounded resources: connections per listener (keep their
+    # sum under the process's open-file limit), and the seconds a request may take to
+    # arrive whole. A TLS handshake must complete within handshake_timeout_s.
+    http_max_connections: int = Field(default=1024, ge=1, le=100_000)
+    gate_max_connections: int = Field(default=256, ge=1, le=100_000)
+    channel_max_connections: int = Field(default=4096, ge=1, le=100_000)
+    http_request_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=300)
     audit_checkpoint_s: float = Field(default=60.0, ge=1, le=86400)
     audit_checkpoint_file: Path | None = None
 

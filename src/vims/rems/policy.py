@@ -9,6 +9,7 @@ denied with that reason, never judged by half a policy.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import (
@@ -112,9 +113,14 @@ def parse_policy(body: Any, name: str | None = None) -> PolicyDocument:
         raise PolicyError("a policy must be a JSON object")
     data = {**body, "name": name} if name is not None else body
     try:
-        return PolicyDocument.model_validate(data)
+        doc = PolicyDocument.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(p) for p in err["loc"]) or "policy"
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise PolicyError(f"{where}: {msg}"[:300]) from None
+    try:  # what is stored and audited is canonical JSON: finite numbers, valid UTF-8
+        json.dumps(doc.body(), allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise PolicyError(f"policy: not storable as JSON ({type(exc).__name__})") from None
+    return doc

@@ -20,6 +20,7 @@ its C-VMs, so their verdict turns untrusted with that reason at once.
 from __future__ import annotations
 
 import asyncio
+import asyncio.constants as asyncio_constants
 import contextlib
 import hashlib
 import json
@@ -57,6 +58,7 @@ from vims.rems.api import AttestFailed, create_app
 from vims.rems.config import RemsConfig
 from vims.rems.enroll import Enroller
 from vims.rems.evidence import EvidenceRefused, check_event_log, counter_step
+from vims.rems.httpguard import guarded_protocol
 from vims.rems.policy import DEFAULT_POLICY, PolicyDocument, parse_policy
 from vims.rems.service import RemsService
 from vims.rems.store import NewReport, Store, StoreError, TpmCounters
@@ -519,9 +521,16 @@ class RemsServer:
         if tls is None:
             raise ValueError("the control channel needs [rems.tls] certificates")
         self._loop = asyncio.get_running_loop()
+        # uvicorn creates its TLS listener without a handshake timeout, so asyncio's
+        # default (60 s) would let a silent TCP connection hold a file that long; asyncio
+        # reads this default whenever it wraps a connection.
+        setattr(asyncio_constants, "SSL_HANDSHAKE_TIMEOUT",  # noqa: B010 - typeshed: Final
+                self.config.handshake_timeout_s)
         ctx = server_context(tls.server_cert, tls.server_key, tls.ca_cert)
         host, port = self.config.channel_listen.rsplit(":", 1)
-        channel = await serve(host, int(port), ctx, self.make_connection, self.on_event)
+        channel = await serve(host, int(port), ctx, self.make_connection, self.on_event,
+                              max_connections=self.config.channel_max_connections,
+                              handshake_timeout_s=self.config.handshake_timeout_s)
         loop = self._loop
 
         def policies_changed() -> None:  # called from the API's worker threads
@@ -532,17 +541,18 @@ class RemsServer:
 
         app = create_app(self.service, self.config, self.attest, self.enroller,
                          policies_changed, bindings_changed)
-        servers = [uvicorn.Server(self._uvicorn_config(app, self.config.http_listen,
-                                                       self.config.http_tls))]
+        servers = [uvicorn.Server(self._uvicorn_config(
+            app, self.config.http_listen, self.config.http_tls, self.config.http_max_connections))]
         if self.config.gate_listen:
-            servers.append(uvicorn.Server(self._uvicorn_config(app, self.config.gate_listen,
-                                                               False)))
+            servers.append(uvicorn.Server(self._uvicorn_config(
+                app, self.config.gate_listen, False, self.config.gate_max_connections)))
         log.info("REM-S: channel on %s, HTTP%s on %s%s", self.config.channel_listen,
                  "S" if self.config.http_tls else "", self.config.http_listen,
                  f", gate HTTP on {self.config.gate_listen}" if self.config.gate_listen else "")
         self.webhooks.start()
         await asyncio.to_thread(self._seed_trusted)
         tasks = [asyncio.create_task(self._stale_watch()), asyncio.create_task(self._writer()),
+                 asyncio.create_task(_memory_hygiene()),
                  asyncio.create_task(audit.checkpoint_loop(
                      self.store, self.key, self.config.ear_issuer,
                      self.config.audit_checkpoint_file, self.config.audit_checkpoint_s))]
@@ -562,12 +572,49 @@ class RemsServer:
             except (audit.AuditBroken, StoreError) as exc:
                 log.error("no audit checkpoint at shutdown: %s", exc)
 
-    def _uvicorn_config(self, app: FastAPI, listen: str, tls: bool) -> uvicorn.Config:
+    def _uvicorn_config(self, app: FastAPI, listen: str, tls: bool,
+                        max_connections: int) -> uvicorn.Config:
         host, port = listen.rsplit(":", 1)
         extra: dict[str, object] = {}
         if tls:
             assert self.config.tls is not None  # RemsConfig requires it for http_tls
             extra = {"ssl_certfile": str(self.config.tls.server_cert),
                      "ssl_keyfile": str(self.config.tls.server_key)}
-        return uvicorn.Config(app, host=host.strip("[]"), port=int(port), log_level="warning",
-                              lifespan="off", **extra)  # type: ignore[arg-type]
+        return uvicorn.Config(
+            app, host=host.strip("[]"), port=int(port), log_level="warning", lifespan="off",
+            http=guarded_protocol(max_connections, self.config.http_request_timeout_s),
+            h11_max_incomplete_event_size=64 * 1024,  # request head: 64 KiB at most
+            **extra)  # type: ignore[arg-type]
+
+
+async def _memory_hygiene(interval_s: float = 5.0, grown_mb: int = 32) -> None:
+    """Give back the memory that connection floods leave behind.
+
+    Measured here: 10,000 bare TCP connects to a TLS listener left ~60 MB of
+    asyncio SSL transports in reference cycles (freed only by a full collection)
+    and the freed memory with glibc's allocator, not the system. When the
+    process grew by ``grown_mb`` since the last look, a full collection and
+    malloc_trim bound that; a steady REM-S pays nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    libc_name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    base = _rss_mb()
+    while True:
+        await asyncio.sleep(interval_s)
+        if _rss_mb() - base >= grown_mb:
+            gc.collect()
+            if trim is not None:
+                trim(0)
+            base = _rss_mb()
+
+
+def _rss_mb() -> int:
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])  # noqa: SIM115 - one read
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * 4096 // (1024 * 1024)

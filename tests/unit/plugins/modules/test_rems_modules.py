@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from ansible_collections.vims.attestation.plugins.modules import attest, avm_registration, policy
 
 from ..conftest import TOKEN, Rems, run_module
@@ -183,10 +184,9 @@ def test_avm_registration_enrollment_token_does_nothing_else(rems: Rems) -> None
     failed, r = run_module(policy.main, args)
     assert failed
     assert "HTTP 403" in str(r["msg"])  # the REM-S refuses it for anything but enrollment
-    try:
+    with pytest.raises(urllib.error.HTTPError) as missing:
         Rems(rems.url, rems.token_file, rems.ca).get("/v1/policies/lab")
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 404  # (the operator token reads; nothing was written)
+    assert missing.value.code == 404  # the operator token reads: nothing was written
 
 
 def test_avm_registration_refuses_a_bad_digest(rems: Rems) -> None:
