@@ -87,8 +87,9 @@ class RemsService:
         if cached is not None:
             return cached
         _, assigned, policies = self._snapshot
-        name = assigned.get(cvm)
-        stored = policies.get(name) if name else None
+        # Unassigned: the stored policy named "default" if the operator wrote one.
+        name = assigned.get(cvm, "default")
+        stored = policies.get(name)
         if stored is None:
             found = CvmPolicy(DEFAULT_POLICY.verdict_policy(1), DEFAULT_POLICY)
         else:
