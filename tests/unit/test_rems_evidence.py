@@ -210,3 +210,15 @@ def test_a_hello_for_a_cvm_bound_elsewhere_is_refused_and_audited(tmp_path: Path
     assert rems.authorize(HELLO).ok
     with rems.store.engine.connect() as conn:
         assert conn.execute(select(schema.reports)).all() == []
+
+
+def test_a_replayed_earlier_quote_is_refused(tmp_path: Path) -> None:
+    """A genuine handshake quote of an earlier session, presented again."""
+    rems = server(tmp_path)
+    earlier = evidence(bind_nonce(bytes(32), b"session 1"))
+    assert rems.verify_evidence(Attestation("avm1"), HELLO, bind_nonce(bytes(32), b"session 1"),
+                                earlier).ok
+    again = rems.verify_evidence(Attestation("avm1"), HELLO,
+                                 bind_nonce(bytes(range(32)), b"session 2"), earlier)
+    assert not again.ok
+    assert "nonce" in again.reason.lower()
