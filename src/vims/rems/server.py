@@ -113,6 +113,7 @@ class Attestation:
     pcrs: dict[int, bytes] = field(default_factory=dict)  # sha256 PCR 17 and 23
     counters: TpmCounters | None = None
     verified: bool = False
+    ak: str | None = None  # the enrolled AK (PEM) the handshake quote verified with
 
 
 class RemsServer:
@@ -202,7 +203,8 @@ class RemsServer:
                 {"entries": [e.model_dump() for e in evidence.event_log]}))
             replay(entries, quoted)
             notes = check_event_log(entries.entries, hello.avm_id, hello.cvms,
-                                    self.store.references(), self.config.insecure_lab)
+                                    self.store.references_for(hello.avm_id, hello.cvms),
+                                    self.config.insecure_lab)
             new = _counters(result)
             steps: list[str] = []
 
@@ -217,8 +219,8 @@ class RemsServer:
         except (QuoteError, EventLogError, KeyError, ValueError, StoreError) as exc:
             reason = f"evidence rejected: {exc}"
         else:
-            att.cvms, att.pcrs, att.counters, att.verified = (
-                tuple(hello.cvms), dict(quoted), new, True)
+            att.cvms, att.pcrs, att.counters, att.verified, att.ak = (
+                tuple(hello.cvms), dict(quoted), new, True, ak)
             for what in steps:  # a reboot of the A-VM's TPM: believed, and on the record
                 self._audits.append((f"tpm-{what}", hello.avm_id, {
                     "reset_count": new.reset_count, "restart_count": new.restart_count}))
@@ -233,7 +235,7 @@ class RemsServer:
 
     def verify_report_quote(self, att: Attestation, nonce: bytes, digest: bytes,
                             quote: Quote) -> VerificationResult:
-        ak = self.store.ak_of(att.avm_id)
+        ak = att.ak  # the AK the handshake verified: one lookup per session, not per quote
         code = "quote_invalid"
         try:
             if ak is None or not att.verified:

@@ -583,6 +583,15 @@ class Store:
                                                        "digest": digest, "was": current})])
             return True
 
+    def references_for(self, avm_id: str, cvms: Sequence[str]) -> dict[tuple[str, str, str], str]:
+        """The approved digests of one A-VM and the C-VMs it names (one query)."""
+        r = s.references
+        query = select(r).where(((r.c.scope == "avm") & (r.c.subject == avm_id))
+                                | ((r.c.scope == "cvm") & r.c.subject.in_(list(cvms))))
+        with self.engine.connect() as conn:
+            return {(str(x.scope), str(x.subject), str(x.kind)): str(x.digest)
+                    for x in conn.execute(query)}
+
     def references(self, scope: str | None = None, subject: str | None = None
                    ) -> dict[tuple[str, str, str], str]:
         """(scope, subject, kind) -> approved digest."""
