@@ -17,7 +17,11 @@ from ansible.module_utils.common.text.converters import to_native, to_text
 from ansible.module_utils.six.moves.urllib.error import HTTPError, URLError
 from ansible.module_utils.urls import open_url
 
-__all__ = ["REMS_ARGUMENT_SPEC", "RemsClient", "RemsError", "rems_token"]
+__all__ = ["AVM_KINDS", "REMS_ARGUMENT_SPEC", "RemsClient", "RemsError", "approve_reference",
+           "rems_token"]
+
+# What an A-VM measures of itself; every other kind is of a C-VM.
+AVM_KINDS = ("agent-code", "agent-config")
 
 # The REM-S answers are small JSON documents; a bigger body is not a REM-S.
 MAX_BODY = 4 * 1024 * 1024
@@ -106,6 +110,19 @@ class RemsClient(object):
         if len(raw) > MAX_BODY:
             raise RemsError("%s %s: answer larger than %d bytes" % (method, path, MAX_BODY))
         return status, _json(raw)
+
+
+def approve_reference(client, kind, subject, digest, check_mode=False):
+    """Make *digest* the approved one for (kind, subject) at the REM-S; returns whether
+    it changed (or would, in check mode)."""
+    scope = "avm" if kind in AVM_KINDS else "cvm"
+    _status, info = client.request("GET", "/v1/%ss/%s" % (scope, subject))
+    if (info.get("references") or {}).get(kind) == digest:
+        return False
+    if not check_mode:
+        client.request("PUT", "/v1/%ss/%s/references/%s" % (scope, subject, kind),
+                       {"digest": digest})
+    return True
 
 
 def _json(raw):

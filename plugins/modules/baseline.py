@@ -17,6 +17,9 @@ description:
   - Idempotent by content. The baseline is built in memory and its SHA-256 compared
     with the file at O(dest); the file is replaced only when they differ.
   - The same work as C(vims baseline build).
+  - With O(rems_url) and O(cvm), the baseline's SHA-256 is also approved at the REM-S as
+    the C-VM's baseline: the A-VM measures the baseline file into PCR 23 and the REM-S
+    believes it only with that digest. Approving needs an operator token.
 author:
   - VIMS developers (@vims-dev)
 extends_documentation_fragment:
@@ -59,6 +62,36 @@ options:
       - The clean, running C-VM as a live domain, read (paused) through LibVMI's O(mode) driver.
       - Mutually exclusive with O(memory).
     type: str
+  cvm:
+    description:
+      - The C-VM this baseline is of; with O(rems_url), its approved baseline digest.
+    type: str
+  rems_url:
+    description:
+      - The REM-S HTTPS API to approve the baseline's digest at (see O(cvm)).
+    type: str
+  token:
+    description:
+      - An operator token of the REM-S. Mutually exclusive with O(token_file).
+    type: str
+  token_file:
+    description:
+      - File holding an operator token of the REM-S.
+    type: path
+  ca_path:
+    description:
+      - The REM-S CA, to verify its certificate.
+    type: path
+  validate_certs:
+    description:
+      - Verify the REM-S's TLS certificate.
+    type: bool
+    default: true
+  http_timeout:
+    description:
+      - Seconds to wait for the REM-S to answer one HTTP request.
+    type: int
+    default: 10
 notes:
   - Take the baseline from a C-VM known to be clean, right after a fresh boot.
 seealso:
@@ -100,6 +133,10 @@ build_id:
   description: The build-id of the kernel the baseline is bound to.
   returned: success
   type: str
+approved:
+  description: Whether the REM-S's approved baseline digest of O(cvm) changed (or would).
+  returned: when O(rems_url) is given
+  type: bool
 """
 
 import hashlib
@@ -108,6 +145,11 @@ import traceback
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vims.attestation.plugins.module_utils._rems import (
+    RemsClient,
+    RemsError,
+    approve_reference,
+)
 from ansible_collections.vims.attestation.plugins.module_utils._vims import require_vims
 
 
@@ -145,15 +187,26 @@ def main() -> None:
             memory=dict(type="path"),
             domain=dict(type="str"),
             mode=dict(type="str", choices=["xen", "kvm"], default="xen"),
+            cvm=dict(type="str"),
+            rems_url=dict(type="str"),
+            token=dict(type="str", no_log=True),
+            token_file=dict(type="path"),
+            ca_path=dict(type="path"),
+            validate_certs=dict(type="bool", default=True),
+            http_timeout=dict(type="int", default=10),
         ),
-        mutually_exclusive=[("initramfs", "rootfs"), ("memory", "domain")],
+        mutually_exclusive=[("initramfs", "rootfs"), ("memory", "domain"),
+                            ("token", "token_file")],
         required_one_of=[("initramfs", "rootfs", "memory", "domain")],
+        required_together=[("rems_url", "cvm")],
         supports_check_mode=True,
     )
+    p = module.params
+    if p["rems_url"] and not (p["token"] or p["token_file"]):
+        module.fail_json(msg="approving the baseline at the REM-S needs token or token_file")
     require_vims(module)
     from vims.errors import VimsError
 
-    p = module.params
     try:
         content, build_id, count = build(p)
     except VimsError as exc:
@@ -173,7 +226,15 @@ def main() -> None:
             f.write(content)
         module.atomic_move(tmp, p["dest"])
         os.chmod(p["dest"], 0o644)
-    module.exit_json(changed=changed, sha256=digest, executables=count, build_id=build_id)
+    result = dict(changed=changed, sha256=digest, executables=count, build_id=build_id)
+    if p["rems_url"]:
+        try:
+            result["approved"] = approve_reference(RemsClient.from_module(module), "baseline",
+                                                   p["cvm"], digest, module.check_mode)
+        except RemsError as exc:
+            module.fail_json(msg=str(exc), http_status=exc.status, **result)
+        result["changed"] = changed or result["approved"]
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

@@ -567,7 +567,7 @@ class RemsServer:
                 task.cancel()
             channel.close()
             await channel.wait_closed()
-            await self.webhooks.close()
+            await self.webhooks.close(timeout_s=3.0)
             try:  # the head as it is at shutdown, signed: a later truncation shows
                 await asyncio.to_thread(audit.checkpoint, self.store, self.key,
                                         self.config.ear_issuer, self.config.audit_checkpoint_file)
@@ -584,6 +584,7 @@ class RemsServer:
                      "ssl_keyfile": str(self.config.tls.server_key)}
         return uvicorn.Config(
             app, host=host.strip("[]"), port=int(port), log_level="warning", lifespan="off",
+            timeout_graceful_shutdown=3,  # a stop is not held up by a waiting attest
             http=guarded_protocol(max_connections, self.config.http_request_timeout_s),
             h11_max_incomplete_event_size=64 * 1024,  # request head: 64 KiB at most
             **extra)  # type: ignore[arg-type]

@@ -194,3 +194,21 @@ def test_avm_registration_refuses_a_bad_digest(rems: Rems) -> None:
         {"kind": "baseline", "subject": "cvm1", "digest": "not-a-digest"}]))
     assert failed
     assert "sha256 hex" in str(r["msg"])
+
+
+def test_approve_reference_is_idempotent_and_honours_check_mode(rems: Rems) -> None:
+    """What the baseline module does with rems_url: approve its digest for the C-VM."""
+    from ansible_collections.vims.attestation.plugins.module_utils._rems import (
+        RemsClient,
+        approve_reference,
+    )
+
+    client = RemsClient(rems.url, rems.token_file.read_text().strip(), ca_path=str(rems.ca))
+    digest = "cd" * 32
+    assert approve_reference(client, "baseline", "cvm1", digest, check_mode=True) is True
+    assert rems.get("/v1/cvms/cvm1")["references"] == {}  # type: ignore[index]
+    assert approve_reference(client, "baseline", "cvm1", digest) is True
+    assert rems.get("/v1/cvms/cvm1")["references"] == {"baseline": digest}  # type: ignore[index]
+    assert approve_reference(client, "baseline", "cvm1", digest) is False
+    assert approve_reference(client, "agent-code", "avm1", digest) is True
+    assert rems.get("/v1/avms/avm1")["references"] == {"agent-code": digest}  # type: ignore[index]
