@@ -18,7 +18,7 @@ description:
     with the file at O(dest); the file is replaced only when they differ.
   - The same work as C(vims baseline build).
   - With O(rems_url) and O(cvm), the baseline's SHA-256 is also approved at the REM-S as
-    the C-VM's baseline: the A-VM measures the baseline file into PCR 23 and the REM-S
+    the C-VM's baseline; the A-VM measures the baseline file into PCR 23 and the REM-S
     believes it only with that digest. Approving needs an operator token.
 author:
   - VIMS developers (@vims-dev)

@@ -50,10 +50,12 @@ class Lab:
         return proc.returncode, out, recap
 
     def state_files(self) -> dict[str, float]:
-        """Everything the roles wrote, with mtimes (the database and logs excepted:
-        an attestation round appends a report, the gate logs a request)."""
+        """Everything the roles wrote, with mtimes (the database, logs and the audit
+        checkpoints excepted: an attestation round appends a report, the gate logs a
+        request, the running REM-S appends a signed checkpoint every minute)."""
         return {str(p): p.stat().st_mtime for p in self.root.rglob("*")
-                if p.is_file() and not re.search(r"\.(db|db-wal|db-shm|log)$", p.name)}
+                if p.is_file() and not re.search(r"\.(db|db-wal|db-shm|log)$", p.name)
+                and p.name != "audit-checkpoints.jsonl"}
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,23 @@ def test_a_second_a_vm_cannot_speak_for_another_a_vms_cvm(
         assert json.loads(refused[0].payload) == {"code": "not_bound", "cvms": ["cvm1"]}
     finally:
         rogue.close()
+
+
+def test_a_baseline_the_rems_did_not_approve_makes_the_cvm_untrusted_with_that_reason(
+        deployment: LabDeployment) -> None:
+    """The operator approves another baseline digest than the A-VM measures: the running
+    session ends at once, the next handshake is refused, and the C-VM is denied naming
+    its baseline; approving the measured digest again brings it back."""
+    dep = deployment
+    measured = next(e["digest"] for e in dep.measurements() if e["kind"] == "baseline")
+    dep._ok("PUT", f"/v1/cvms/{dep.cvm}/references/baseline", {"digest": "ab" * 32})
+
+    def reason() -> str:
+        status, body = dep.call("GET", f"/v1/cvms/{dep.cvm}", b"")
+        assert status == 200, body
+        return str(json.loads(body)["reason"])
+
+    wait_for(lambda: "baseline of cvm1 is not the approved one" in reason(), 30, step=0.5)
+    assert dep.decision() == 403
+    dep._ok("PUT", f"/v1/cvms/{dep.cvm}/references/baseline", {"digest": measured})
+    wait_for(lambda: dep.decision() == 200, 60, step=0.5)

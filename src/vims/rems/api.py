@@ -168,9 +168,12 @@ def validate_policy(body: dict[str, Any]) -> None:
 def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
                attest: Attester | None = None, enroller: Enroller | None = None,
                policies_changed: Callable[[], None] = lambda: None,
-               bindings_changed: Callable[[], None] = lambda: None) -> FastAPI:
-    """The API over *service*; ``policies_changed`` / ``bindings_changed`` are called
-    after such a change, so the REM-S can push policies and close foreign channels."""
+               bindings_changed: Callable[[], None] = lambda: None,
+               references_changed: Callable[[str, str], None] = lambda scope, subject: None,
+               ) -> FastAPI:
+    """The API over *service*; ``policies_changed`` / ``bindings_changed`` /
+    ``references_changed(scope, subject)`` are called after such a change, so the REM-S
+    can push policies and close the channels that no longer hold."""
     if isinstance(settings, str):
         settings = ApiSettings(settings)
     elif isinstance(settings, RemsConfig):
@@ -371,6 +374,8 @@ def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
             raise HTTPException(404, f"no reference kind {kind!r} for an {scope.upper()} "
                                      f"(one of {', '.join(kinds)})")
         changed = store.set_reference(scope, subject, kind, digest)
+        if changed:
+            references_changed(scope, subject)
         return {scope: subject, "kind": kind, "digest": digest, "changed": changed}
 
     @app.put("/v1/cvms/{cvm}/references/{kind}", dependencies=[operator])

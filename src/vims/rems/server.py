@@ -339,6 +339,21 @@ class RemsServer:
         else:
             log.debug("event %s", event)
 
+    def references_changed(self, scope: str, subject: str) -> None:
+        """An approved digest changed: the A-VMs it concerns attest again, under it.
+
+        Evidence is appraised at the handshake; a session must not outlive the
+        approval it was believed under.
+        """
+        for session in set(self.sessions.values()):
+            conn = session.conn
+            if not isinstance(conn, RemsConnection) or conn.hello is None:
+                continue
+            hello = conn.hello
+            if (scope == "avm" and hello.avm_id == subject) or \
+                    (scope == "cvm" and subject in hello.cvms):
+                session.close("an approved digest changed: attest again")
+
     def bindings_changed(self) -> None:
         """The operator moved or unbound C-VMs: channels may no longer speak for them."""
         bindings = self.store.bindings()
@@ -541,8 +556,11 @@ class RemsServer:
         def bindings_changed() -> None:
             loop.call_soon_threadsafe(self.bindings_changed)
 
+        def references_changed(scope: str, subject: str) -> None:
+            loop.call_soon_threadsafe(self.references_changed, scope, subject)
+
         app = create_app(self.service, self.config, self.attest, self.enroller,
-                         policies_changed, bindings_changed)
+                         policies_changed, bindings_changed, references_changed)
         servers = [uvicorn.Server(self._uvicorn_config(
             app, self.config.http_listen, self.config.http_tls, self.config.http_max_connections))]
         if self.config.gate_listen:
