@@ -58,7 +58,7 @@ def test_migrations_are_idempotent(store: Store, url: str) -> None:
     assert again.get_policy("lab") == (1, {"checks": ["kernel.text"]})
     with again.engine.connect() as conn:
         assert conn.dialect.name == "postgresql"
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     again.close()
 
 

@@ -14,8 +14,11 @@ genuine and fresh. This module decides whether the REM-S may *believe* it:
 - The event log: every PCR 23 event must be a known kind, about this A-VM or one
   of the C-VMs it named, and carry the digest the operator approved for it
   (agent code and configuration per A-VM; profile, baseline and local policy
-  per C-VM). Nothing may be missing: a C-VM without an approved profile and
-  baseline is not believed, unless the REM-S runs ``insecure_lab``.
+  per C-VM). Nothing may be missing: the agent's code and configuration and
+  each C-VM's profile are always measured, and so is everything else the
+  operator approved (a C-VM with an approved baseline is not believed from an
+  A-VM that runs it without one). Without approvals nothing is believed,
+  unless the REM-S runs ``insecure_lab``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from vims.tpm.eventlog import AGENT_PCR, EventLogEntry
 
 AVM_KINDS = ("agent-code", "agent-config")
 CVM_KINDS = ("profile", "baseline", "local-policy")
-REQUIRED_CVM_KINDS = ("profile", "baseline")  # local-policy: when one is approved
+REQUIRED_CVM_KINDS = ("profile",)  # baseline, local-policy: when one is approved
 
 
 class EvidenceRefused(VimsError):
@@ -119,7 +122,7 @@ def check_event_log(entries: Sequence[EventLogEntry], avm_id: str, cvms: Sequenc
     required = [("avm", avm_id, k) for k in AVM_KINDS] + [
         ("cvm", cvm, k) for cvm in cvms for k in REQUIRED_CVM_KINDS]
     required += [key for key in references if key[0] == "cvm" and key[1] in cvms
-                 and key[2] == "local-policy"]
+                 and key[2] not in REQUIRED_CVM_KINDS]
     for key in required:
         if key not in seen:
             if insecure_lab and key not in references:
