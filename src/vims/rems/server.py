@@ -142,6 +142,7 @@ class RemsServer:
         self._counters: dict[str, TpmCounters] = {}
         self._wake_writer = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._bindings: tuple[float, dict[str, str]] | None = None  # (read at, C-VM -> A-VM)
         if not config.insecure_lab and str(LAUNCH_PCR) not in config.golden_pcrs:
             log.warning("no golden PCR %d configured: no A-VM will be trusted (set golden_pcrs, "
                         "or insecure_lab for a lab)", LAUNCH_PCR)
@@ -357,6 +358,7 @@ class RemsServer:
     def bindings_changed(self) -> None:
         """The operator moved or unbound C-VMs: channels may no longer speak for them."""
         bindings = self.store.bindings()
+        self._bindings = (time.monotonic(), bindings)
         for cvm, session in list(self.sessions.items()):
             conn = session.conn
             avm = conn.hello.avm_id if isinstance(conn, RemsConnection) and conn.hello else None
@@ -432,7 +434,12 @@ class RemsServer:
         """Reports of C-VMs no longer bound to their A-VM are refused, not stored."""
         if not batch:
             return batch
-        bindings = await asyncio.to_thread(self.store.bindings)
+        now = time.monotonic()
+        if self._bindings is None or now - self._bindings[0] >= 1.0:
+            # Once a second, not per batch: this instance's own changes drop the copy at
+            # once (bindings_changed); another instance's are seen within the second.
+            self._bindings = (now, await asyncio.to_thread(self.store.bindings))
+        bindings = self._bindings[1]
         kept: list[tuple[Session, ReportReceived, str]] = []
         refused: list[tuple[Session, ReportReceived, str]] = []
         for item in batch:

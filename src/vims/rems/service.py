@@ -70,6 +70,8 @@ class RemsService:
         self.issuer, self.insecure_lab = issuer, insecure_lab
         self._snapshot: PolicySnapshot | None = None
         self._policies: dict[str, CvmPolicy] = {}
+        # Parsed once per (name, version): validating a policy costs more than a report.
+        self._parsed: dict[tuple[str, int], CvmPolicy] = {}
         self._ears: dict[str, tuple[tuple[Any, ...], str]] = {}
 
     def invalidate_policies(self) -> None:
@@ -91,15 +93,23 @@ class RemsService:
         name = assigned.get(cvm, "default")
         stored = policies.get(name)
         if stored is None:
-            found = CvmPolicy(DEFAULT_POLICY.verdict_policy(1), DEFAULT_POLICY)
+            found = self._parsed.get(("", 0))
+            if found is None:
+                found = self._parsed[("", 0)] = CvmPolicy(DEFAULT_POLICY.verdict_policy(1),
+                                                          DEFAULT_POLICY)
         else:
             version, body = stored
-            try:
-                doc = parse_policy(body, name)
-                found = CvmPolicy(doc.verdict_policy(version), doc)
-            except PolicyError as exc:  # stored by an older REM-S: judge nothing by it
-                found = CvmPolicy(VerdictPolicy(name=str(name), version=version), None,
-                                  f"policy {name} v{version} is invalid: {exc}")
+            found = self._parsed.get((name, version))
+            if found is None:
+                try:
+                    doc = parse_policy(body, name)
+                    found = CvmPolicy(doc.verdict_policy(version), doc)
+                except PolicyError as exc:  # stored by an older REM-S: judge nothing by it
+                    found = CvmPolicy(VerdictPolicy(name=str(name), version=version), None,
+                                      f"policy {name} v{version} is invalid: {exc}")
+                if len(self._parsed) > 4096:
+                    self._parsed.clear()
+                self._parsed[(name, version)] = found
         self._policies[cvm] = found
         return found
 

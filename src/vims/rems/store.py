@@ -138,14 +138,15 @@ class TpmCounters:
 
 def _result_row(cvm: str, r: CheckResult) -> dict[str, Any]:
     return {"cvm": cvm, "check_id": r.check_id, "status": r.status, "category": r.category,
-            "error": r.error, "findings": canonical(list(r.findings)).decode(),
+            "error": r.error,
+            "findings": canonical(list(r.findings)).decode() if r.findings else "[]",
             "avm_id": r.avm_id, "report_seq": r.report_seq, "reported_at": r.reported_at}
 
 
 def _result_of(row: Any) -> CheckResult:
+    findings = tuple(json.loads(row.findings)) if row.findings != "[]" else ()
     return CheckResult(str(row.check_id), str(row.status), str(row.category), row.error,
-                       tuple(json.loads(row.findings)), str(row.avm_id), row.report_seq,
-                       float(row.reported_at))
+                       findings, str(row.avm_id), row.report_seq, float(row.reported_at))
 
 
 def verdict_row(cvm: str, v: Verdict, issued_at: float) -> dict[str, Any]:
