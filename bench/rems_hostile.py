@@ -91,6 +91,7 @@ class Rems:
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{self.gate}/openapi.json",
                                        timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.http), timeout=1).close()
                 return
             time.sleep(0.2)
         raise RuntimeError("REM-S did not start")

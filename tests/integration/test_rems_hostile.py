@@ -98,8 +98,11 @@ def rems(tmp_path: Path) -> Iterator[Rems]:
 
 
 def _answers(r: Rems) -> bool:
+    """Both listeners up: the gate's (its own thread) and the HTTPS API."""
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{r.gate}/openapi.json", timeout=1).close()
+        urllib.request.urlopen(f"https://127.0.0.1:{r.http}/openapi.json", timeout=1,
+                               context=r.tls()).close()
         return True
     except OSError:
         return False

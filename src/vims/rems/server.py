@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -552,8 +553,9 @@ class RemsServer:
                 self.config.handshake_timeout_s)
         ctx = server_context(tls.server_cert, tls.server_key, tls.ca_cert)
         host, port = self.config.channel_listen.rsplit(":", 1)
+        http_cap, gate_cap, channel_cap = self._connection_caps()
         channel = await serve(host, int(port), ctx, self.make_connection, self.on_event,
-                              max_connections=self.config.channel_max_connections,
+                              max_connections=channel_cap,
                               handshake_timeout_s=self.config.handshake_timeout_s)
         loop = self._loop
 
@@ -569,10 +571,20 @@ class RemsServer:
         app = create_app(self.service, self.config, self.attest, self.enroller,
                          policies_changed, bindings_changed, references_changed)
         servers = [uvicorn.Server(self._uvicorn_config(
-            app, self.config.http_listen, self.config.http_tls, self.config.http_max_connections))]
+            app, self.config.http_listen, self.config.http_tls, http_cap))]
+        gate = None
         if self.config.gate_listen:
-            servers.append(uvicorn.Server(self._uvicorn_config(
-                app, self.config.gate_listen, False, self.config.gate_max_connections)))
+            # The gate's listener runs its own event loop in its own thread: a flood on
+            # the API or the channel (TLS handshakes, which OpenSSL does without the
+            # GIL) cannot starve the gate's decisions. It attests nothing (that needs
+            # the channel's loop).
+            gate_app = create_app(self.service, self.config, None, None, policies_changed,
+                                  bindings_changed, references_changed)
+            gate = uvicorn.Server(self._uvicorn_config(
+                gate_app, self.config.gate_listen, False, gate_cap))
+            gate_thread = threading.Thread(target=lambda: asyncio.run(gate.serve()),
+                                           name="gate-listener", daemon=True)
+            gate_thread.start()
         log.info("REM-S: channel on %s, HTTP%s on %s%s", self.config.channel_listen,
                  "S" if self.config.http_tls else "", self.config.http_listen,
                  f", gate HTTP on {self.config.gate_listen}" if self.config.gate_listen else "")
@@ -588,6 +600,9 @@ class RemsServer:
         finally:
             for s in servers:
                 s.should_exit = True
+            if gate is not None:
+                gate.should_exit = True
+                await asyncio.to_thread(gate_thread.join, 5)
             for task in tasks:
                 task.cancel()
             channel.close()
@@ -598,6 +613,26 @@ class RemsServer:
                                         self.config.ear_issuer, self.config.audit_checkpoint_file)
             except (audit.AuditBroken, StoreError) as exc:
                 log.error("no audit checkpoint at shutdown: %s", exc)
+
+    def _connection_caps(self) -> tuple[int, int, int]:
+        """The listeners' connection caps, scaled down to fit the open-file limit.
+
+        Caps above what the process may open would let a flood exhaust its files
+        (and the gate's listener with them) before any cap bites: the caps and the
+        limit (systemd's LimitNOFILE) must be set together, and this keeps them so.
+        """
+        import resource
+
+        caps = (self.config.http_max_connections, self.config.gate_max_connections,
+                self.config.channel_max_connections)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        budget = max(3, soft - 64) if soft != resource.RLIM_INFINITY else sum(caps)
+        if sum(caps) <= budget:
+            return caps
+        scaled = tuple(max(1, cap * budget // sum(caps)) for cap in caps)
+        log.warning("connection caps %s exceed the open-file limit %d: using %s",
+                    caps, soft, scaled)
+        return scaled[0], scaled[1], scaled[2]
 
     def _uvicorn_config(self, app: FastAPI, listen: str, tls: bool,
                         max_connections: int) -> uvicorn.Config:
@@ -630,6 +665,10 @@ async def _memory_hygiene(interval_s: float = 5.0, grown_mb: int = 32) -> None:
 
     libc_name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    # What exists once the REM-S runs (modules, the app, the store) lives as long as it
+    # does: kept out of every collection, a full one holds the GIL (and so the gate's
+    # thread) for a few milliseconds instead of tens.
+    gc.freeze()
     base = _rss_mb()
     while True:
         await asyncio.sleep(interval_s)
