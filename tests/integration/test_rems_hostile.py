@@ -9,6 +9,7 @@ and memory and time bounded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -21,14 +22,31 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_for
+from vims.avm.evidence import VtpmEvidence
 from vims.lab.deploy import write_rems_config, write_rems_pki
+from vims.protocol.core import AvmConnection
+from vims.protocol.events import (
+    ConnectionClosed,
+    Event,
+    PolicyReceived,
+    ProtocolError,
+    ReportAcked,
+)
+from vims.protocol.framing import encode_frame
+from vims.protocol.messages import Capabilities, canonical_json
+from vims.protocol.pki import client_context
+from vims.protocol.transport import Session, connect
+from vims.rems.enroll import enroll
+from vims.rems.store import Store
+from vims.tpm.ekca import EkCa
+from vims.tpm.swtpm import Swtpm
 
 pytestmark = pytest.mark.slow
 NOFILE = 1024  # the default open-file limit the attack exhausted
@@ -220,3 +238,101 @@ def test_the_file_limit_is_what_the_test_set(rems: Rems) -> None:
         line = next(ln for ln in f if ln.startswith("Max open files"))
     assert line.split()[3] == str(NOFILE)
     assert os.path.exists(rems.root / "rems.toml")
+
+
+def test_a_poisoned_report_costs_its_a_vm_alone(tmp_path: Path) -> None:
+    """Two enrolled A-VMs stream reports to a real REM-S (real TLS, real quotes over the
+    channel binding); one sends a report whose checks have the wrong shape. Its session
+    ends with a protocol error; every report of the other is acknowledged and stored."""
+    ca = write_rems_pki(tmp_path / "pki")
+    (tmp_path / "admin.token").write_text(secrets.token_hex(24))
+    ek_ca, _ = EkCa.init(tmp_path / "ek-ca")
+    tpm = Swtpm(tmp_path / "swtpm", ek_ca)
+    tpm.manufacture()
+    with tpm:
+        pcr17 = tpm.drtm_measure(b"launch")
+        channel, _, gate = write_rems_config(
+            tmp_path / "rems.toml", state=tmp_path, pki=tmp_path / "pki",
+            token_file=tmp_path / "admin.token", ek_ca_certs=ek_ca.ca_cert_paths,
+            pcr17_hex=pcr17.hex())
+        cfg = tmp_path / "rems.toml"  # no PCR 23 events: their references are not the point
+        cfg.write_text(cfg.read_text().replace("[rems.tls]", "insecure_lab = true\n[rems.tls]"))
+        vtpm = VtpmEvidence(tpm.tcti)
+        vtpm.measure_launch([])
+        store = Store(f"sqlite:///{tmp_path / 'rems.db'}")
+        enroll(store, "avm1", vtpm.attester, ek_ca.ca_cert_paths)
+        store.enroll("avm2", store.ak_of("avm1") or "", None)  # one vTPM for both
+        store.bind("cvm1", "avm1")
+        store.bind("cvm2", "avm2")
+        for avm in ("avm1", "avm2"):
+            ca.issue_client(avm).write(tmp_path / f"{avm}.pem", tmp_path / f"{avm}.key")
+        log = (tmp_path / "rems.log").open("wb")
+        proc = subprocess.Popen([sys.executable, "-m", "vims.cli", "rems", "serve",
+                                 "--config", str(cfg)], stdout=log, stderr=log)
+        try:
+            wait_for(lambda: _port_open(gate) and _port_open(channel), 30)
+            acked, events = asyncio.run(_stream(tmp_path, channel, vtpm))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+            vtpm.close()
+    assert acked["avm1"] == 40, (acked, events)  # every report of the well-behaved A-VM
+    assert [r["seq"] for r in store.reports("cvm1", 100)] == list(range(40, 0, -1))
+    assert "invalid_message" in events["avm2"], events  # the offender's session ended
+    assert "closed" not in events["avm1"], events
+    assert store.reports("cvm2", 100) == []
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+async def _stream(root: Path, port: int, vtpm: VtpmEvidence
+                  ) -> tuple[dict[str, int], dict[str, str]]:
+    """avm1 sends 40 clean reports of cvm1; meanwhile avm2, as a compromised A-VM would,
+    writes one report frame of cvm2 its own runtime would not let through."""
+    acked = {"avm1": 0, "avm2": 0}
+    events = {"avm1": "", "avm2": ""}
+    ready = {"avm1": asyncio.Event(), "avm2": asyncio.Event()}
+
+    def handler(avm: str) -> Callable[[Session, Event], None]:
+        def on_event(_session: Session, event: Event) -> None:
+            if isinstance(event, ReportAcked):
+                acked[avm] += 1
+            elif isinstance(event, ProtocolError):
+                events[avm] += f" error: {event.code}"
+            elif isinstance(event, ConnectionClosed):
+                events[avm] += f" closed: {event.reason}"
+            elif isinstance(event, PolicyReceived):
+                ready[avm].set()
+        return on_event
+
+    sessions: dict[str, Session] = {}
+    for avm, cvm in (("avm1", "cvm1"), ("avm2", "cvm2")):
+        conn = AvmConnection(avm_id=avm, cvms=[cvm],
+                             capabilities=Capabilities(checks=["kernel.text"], backends=["file"]),
+                             make_evidence=vtpm.make_evidence, quote_report=vtpm.quote_report)
+        ctx = client_context(root / f"{avm}.pem", root / f"{avm}.key", root / "pki" / "ca.pem")
+        sessions[avm], _ = await connect("127.0.0.1", port, ctx, conn, handler(avm),
+                                         server_hostname="rems")
+        await asyncio.wait_for(ready[avm].wait(), 30)
+    clean = {"result": "pass", "checks": [{"id": "kernel.text", "status": "pass",
+                                           "category": "executables"}], "findings": []}
+    poisoned = encode_frame(canonical_json({
+        "type": "report", "version": 1, "cvm": "cvm2", "seq": 1, "prev_hash": "0" * 64,
+        "body": {"result": "pass", "checks": {"kernel.text": "pass"}, "findings": []}}))
+    for i in range(40):
+        sessions["avm1"].send_report("cvm1", clean)
+        if i == 10:
+            sessions["avm2"]._writer.write(poisoned)  # past the A-VM's own validation
+        await asyncio.sleep(0.02)
+    for _ in range(200):
+        if acked["avm1"] == 40:
+            break
+        await asyncio.sleep(0.05)
+    return acked, events
