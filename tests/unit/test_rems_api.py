@@ -282,3 +282,23 @@ def test_bodies_are_bounded_and_need_a_token_first(
     r = client.put("/v1/policies/p", content=big, headers={**AUTH, "Content-Length": "5"})
     assert r.status_code in (400, 413, 422)
     assert service.store.get_policy("p") is None
+
+
+def test_a_reason_quoting_the_guest_is_a_valid_header(
+        rems: tuple[RemsService, TestClient, Clock]) -> None:
+    """A finding's summary quotes guest memory (a process name, a path); the decision's
+    X-VIMS-Reason header must still be sendable: one line of printable ASCII."""
+    service, client, _ = rems
+    assert client.put("/v1/policies/lab", headers=AUTH, json={
+        "checks": [{"id": "kernel.syscall_table", "interval_s": 2}]}).status_code == 200
+    assert client.put("/v1/cvms/cvm1/policy", headers=AUTH,
+                      json={"policy": "lab"}).status_code == 200
+    hostile = {"check": "kernel.syscall_table", "severity": "critical",
+               "summary": "exec /tmp/\u2603\r\nX-Injected: yes\x00 not in the model"}
+    service.ingest_report("avm1", "cvm1", 1, GENESIS, report([hostile]))
+    r = client.get("/v1/decision/cvm1")
+    assert r.status_code == 403
+    reason = r.headers["x-vims-reason"]
+    assert "x-injected" not in {k.lower() for k in r.headers}
+    assert all(" " <= c <= "~" for c in reason), reason
+    assert "not in the model" in reason

@@ -139,6 +139,16 @@ class ApiSettings:
         return cls(config.admin_token(), config.decision_allow, config.status_allow)
 
 
+def header_safe(text: str, limit: int = 512) -> str:
+    """*text* as an HTTP header value: printable ASCII on one line.
+
+    Reasons quote findings, and findings quote the guest (a process name, a path):
+    a newline or a non-Latin-1 character there made the response unsendable, and
+    the gate saw its connection closed without an answer.
+    """
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 def _allowed(request: Request, networks: Sequence[Network] | None) -> bool:
     """Is the client's address in *networks* (None: any address)?"""
     if networks is None:
@@ -222,7 +232,7 @@ def create_app(service: RemsService, settings: ApiSettings | RemsConfig | str,
     enrolling = Depends(require("operator", "enroll"))
 
     def _decision_headers(d: Any) -> dict[str, str]:
-        headers = {"X-VIMS-Status": d.status, "X-VIMS-Reason": d.reason[:512],
+        headers = {"X-VIMS-Status": d.status, "X-VIMS-Reason": header_safe(d.reason),
                    "Cache-Control": "no-store"}
         if d.insecure_lab:
             headers["X-VIMS-Insecure-Lab"] = "true"
