@@ -82,7 +82,7 @@ def main() -> None:
         rounds.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
         expected = expected_text(baseline["kernel_text"], profile.text_layout, mem.kaslr_offset)
-        assert compare_text(read_text(mem), expected, profile.text_layout) == []
+        assert compare_text(read_text(mem), expected, profile.text_layout) == ([], [])
         text.append((time.perf_counter() - t0) * 1000)
     per_check = {c["id"]: c["duration_ms"] for c in report["checks"]}
     mem.close()

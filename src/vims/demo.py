@@ -29,7 +29,7 @@ from vims.lab import Lab, LabManager, LabSpec
 from vims.paths import cache_dir
 from vims.vmi.linux import Linux
 from vims.vmi.memory import GuestMemory
-from vims.vmi.profile import Profile, build_profile
+from vims.vmi.profile import Profile, ProfileError, build_profile
 from vims.vmi.vmcoreinfo import scan_file
 
 GETPID = 39
@@ -39,7 +39,10 @@ def lab_profile(lab: Lab, out: Console) -> Profile:
     """The lab kernel's profile, built once and cached by kernel image."""
     cached = cache_dir() / "profiles" / f"{Path(lab.kernel).parent.name}.json"
     if cached.is_file():
-        return Profile.load(cached)
+        try:
+            return Profile.load(cached)
+        except ProfileError:
+            pass  # an older format: build it again
     start = time.perf_counter()
     profile = build_profile(Path(lab.kernel))
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -235,10 +235,14 @@ class HiddenModulesCheck(Check):
         return out
 
 
+MAX_SITE_FINDINGS = 64
+
+
 class KernelTextCheck(Check):
     id: ClassVar[str] = "kernel.text"
     description: ClassVar[str] = (
-        "Kernel text equals the clean baseline outside the runtime patch sites.")
+        "Kernel text equals the clean baseline; runtime patch sites hold only their "
+        "legitimate encodings.")
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
     needs_pause = False  # static memory: nothing to tear
@@ -254,10 +258,56 @@ class KernelTextCheck(Check):
             raise CheckError(str(exc)) from exc
         start = ctx.mem.sym("_stext")
         out = []
-        for diff in compare_text(read_text(ctx.mem), expected, layout):
+        diffs, sites = compare_text(read_text(ctx.mem), expected, layout)
+        for diff in diffs:
             addr = start + diff.offset
             out.append(self.finding(
                 f"kernel text modified at {symbolize(ctx, addr)}",
                 address=f"0x{addr:x}", symbol=symbolize(ctx, addr), page=f"0x{addr & ~0xFFF:x}",
                 expected=diff.expected.hex(), found=diff.found.hex()))
+        if sites:
+            out += self._judge_sites(ctx, start, sites)
+        return out
+
+    def _judge_sites(self, ctx: Context, start: int, sites: list[Any]) -> list[Finding]:
+        """Changed patch sites that hold anything but a legitimate encoding."""
+        from vims.checks.hooks import code_map, ftrace_state
+        from vims.vmi.ktext import Site, branch_target, judge_site
+
+        cmap = code_map(ctx)
+        ftrace_targets: set[int] | None = None
+
+        def ftrace_target(addr: int) -> bool:
+            nonlocal ftrace_targets
+            if ftrace_targets is None:  # walked only when an enabled fentry site needs it
+                try:
+                    ftrace_targets = ftrace_state(ctx).call_targets(ctx)
+                except (WalkError, CheckError) as exc:
+                    raise CheckError(
+                        f"cannot account for enabled ftrace sites: {exc}") from exc
+            return addr in ftrace_targets
+
+        out: list[Finding] = []
+        bad = 0
+        for change in sites:
+            addr = start + change.offset
+            reason = judge_site(change, addr, start + change.target if change.target else 0,
+                                cmap.known, ftrace_target)
+            if reason is None:
+                continue
+            bad += 1
+            if len(out) >= MAX_SITE_FINDINGS:
+                continue
+            target = branch_target(addr, change.found)
+            out.append(self.finding(
+                f"{reason} at {symbolize(ctx, addr)}",
+                address=f"0x{addr:x}", symbol=symbolize(ctx, addr),
+                site=Site(change.kind).name.lower(), page=f"0x{addr & ~0xFFF:x}",
+                expected=change.expected.hex(), found=change.found.hex(),
+                target=f"0x{target:x}" if target is not None else None,
+                target_symbol=symbolize(ctx, target) if target is not None else None,
+                target_owner=cmap.owner(target) if target is not None else None))
+        if bad > len(out):
+            out.append(self.finding(f"{bad - len(out)} more patch sites hold illegitimate code",
+                                    more=bad - len(out)))
         return out

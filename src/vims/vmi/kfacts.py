@@ -17,10 +17,23 @@ from collections.abc import Mapping
 from elftools.elf.elffile import ELFFile
 
 from vims.vmi.errors import ProfileError
-from vims.vmi.ktext import TextLayout, build_layout
+from vims.vmi.ktext import (
+    FTRACE_SITE,
+    JMP8,
+    NOP2,
+    STATIC_CALL_SITE,
+    TRAMPOLINE,
+    PatchSite,
+    Site,
+    TextLayout,
+    build_layout,
+)
 
 JUMP_ENTRY = 16  # struct jump_entry { s32 code; s32 target; long key; }
-STATIC_CALL_SITE = 8  # struct static_call_site { s32 addr; s32 key; }
+STATIC_CALL_ENTRY = 8  # struct static_call_site { s32 addr; s32 key; }
+STATIC_CALL_TAIL = 1  # STATIC_CALL_SITE_TAIL, in the low bits of the key
+# The calls inside the ftrace callers that ftrace re-points when it is enabled.
+FTRACE_CALLERS = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 MAX_TABLE_BYTES = 64 << 20
 
 
@@ -70,20 +83,39 @@ def _table(image: ImageReader, symbols: Mapping[str, int], name: str) -> tuple[i
     return lo, image.read(lo, hi - lo) if hi > lo else b""
 
 
-def _relative_sites(image: ImageReader, symbols: Mapping[str, int], name: str,
-                    entry_size: int) -> list[int]:
-    """Sites of a table whose entries start with an s32 offset relative to themselves."""
+def _relative_pairs(image: ImageReader, symbols: Mapping[str, int], name: str,
+                    entry_size: int) -> list[tuple[int, int]]:
+    """(site, second field) of a table whose entries start with two s32 self-relative
+    offsets (``struct jump_entry``'s code and target, ``static_call_site``'s addr and key)."""
     lo, raw = _table(image, symbols, name)
-    return [lo + i + struct.unpack_from("<i", raw, i)[0]
-            for i in range(0, len(raw) - entry_size + 1, entry_size)]
+    out = []
+    for i in range(0, len(raw) - entry_size + 1, entry_size):
+        code, other = struct.unpack_from("<ii", raw, i)
+        out.append((lo + i + code, lo + i + 4 + other))
+    return out
+
+
+def _jump_length(image: ImageReader, site: int) -> int:
+    """2 for a short jump label (objtool's 2-byte NOP or a jmp8), else 5."""
+    try:
+        head = image.read(site, 2)
+    except ProfileError:
+        return 5
+    return 2 if head == NOP2 or head[:1] == bytes([JMP8]) else 5
 
 
 def text_layout(image: ImageReader, symbols: Mapping[str, int], relocs: bytes) -> TextLayout:
     """Relocation and runtime patch sites inside ``[_stext, _etext)``."""
-    jump_sites = _relative_sites(image, symbols, "__jump_table", JUMP_ENTRY)
-    static_sites = _relative_sites(image, symbols, "static_call_sites", STATIC_CALL_SITE)
+    sites = [PatchSite(code, _jump_length(image, code), Site.JUMP_LABEL, target)
+             for code, target in _relative_pairs(image, symbols, "__jump_table", JUMP_ENTRY)]
+    for addr, key in _relative_pairs(image, symbols, "static_call_sites", STATIC_CALL_ENTRY):
+        kind = Site.STATIC_CALL_TAIL if key & STATIC_CALL_TAIL else Site.STATIC_CALL
+        sites.append(PatchSite(addr, STATIC_CALL_SITE, kind))
     _, raw = _table(image, symbols, "mcount_loc")
-    mcount = list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
-    trampolines = [a for n, a in symbols.items() if n.startswith("__SCT__")]
-    return build_layout(symbols["_stext"], symbols["_etext"], relocs, jump_sites, static_sites,
-                        trampolines, mcount)
+    sites += [PatchSite(a, FTRACE_SITE, Site.FTRACE)
+              for a in struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8])]
+    sites += [PatchSite(a, TRAMPOLINE, Site.TRAMPOLINE)
+              for n, a in symbols.items() if n.startswith("__SCT__")]
+    sites += [PatchSite(symbols[n], FTRACE_SITE, Site.FTRACE_CALLER)
+              for n in FTRACE_CALLERS if n in symbols]
+    return build_layout(symbols["_stext"], symbols["_etext"], relocs, sites)

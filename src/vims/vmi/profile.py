@@ -5,7 +5,7 @@ else: the vmlinux inside the bzImage (:mod:`vims.vmi.kimage`) carries its type
 layouts as BTF (:mod:`vims.vmi.btf`) and its symbols as kallsyms
 (:mod:`vims.vmi.kallsyms`). No debug package, no running guest, no network.
 
-The saved form is one flat JSON file (``"format": "vims-profile/1"``) that loads
+The saved form is one flat JSON file (``"format": "vims-profile/2"``) that loads
 in well under a second::
 
     release, banner, build_id, kernel_sha256, source_format
@@ -68,7 +68,7 @@ __all__ = [
     "build_profile",
 ]
 
-FORMAT = "vims-profile/1"
+FORMAT = "vims-profile/2"
 #: Base of the kernel text mapping on x86_64; ``__pa_symbol(x) = x - START_KERNEL_MAP``.
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 #: Symbols without which LibVMI and the checks cannot work: a build missing one is refused.
@@ -262,6 +262,12 @@ def _kernel_facts(analysis: KernelAnalysis) -> dict[str, Any]:
     }
 
 
+def _name_rank(name: str) -> tuple[bool, str]:
+    marker = name.startswith(("__start", "__stop", "__end")) or name.endswith(
+        ("_start", "_end", "_begin"))
+    return (not marker, name)  # the greatest wins, as sorting by (address, name) did
+
+
 class Profile:
     """One kernel build's symbols and type layouts; see the module docstring for the format."""
 
@@ -379,8 +385,13 @@ class Profile:
     def symbolize(self, address: int) -> str:
         """``name+0xoff`` for an unrelocated kernel address, else the address in hex."""
         if self._by_address is None:
-            self._by_address = sorted((a, n) for n, a in self.symbols.items()
-                                      if a >= START_KERNEL_MAP)
+            # One name per address: a function's own name before a linker marker
+            # (``__static_call_text_start``) that happens to share its address.
+            best: dict[int, str] = {}
+            for n, a in self.symbols.items():
+                if a >= START_KERNEL_MAP and (a not in best or _name_rank(n) > _name_rank(best[a])):
+                    best[a] = n
+            self._by_address = sorted(best.items())
         table = self._by_address
         i = bisect.bisect_right(table, (address, "\U0010ffff")) - 1
         end = self.symbols.get("_end", table[-1][0] if table else 0)
@@ -491,7 +502,10 @@ class Profile:
         raw = self._data.get("text_layout")
         if not isinstance(raw, dict):
             raise ProfileError("the profile has no kernel text layout (rebuild the profile)")
-        return TextLayout.from_json(raw)
+        try:
+            return TextLayout.from_json(raw)
+        except ValueError as exc:
+            raise ProfileError(str(exc)) from None
 
 
 def build_profile(kernel_path: Path, progress: Progress = _no_progress) -> Profile:

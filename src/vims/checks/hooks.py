@@ -1,0 +1,167 @@
+"""Where kernel code may live, and the hooks that redirect it: ftrace.
+
+A hook's handler is judged by the memory it lives in. *Known code* is the
+kernel's text and the text of modules the C-VM is expected to run (those the
+policy allows, else those the baseline lists). A handler anywhere else, in
+a module nobody expected, in module-area memory no module owns any more (the
+module that installed it unloaded or unlinked itself), or outside both, is
+what a rootkit leaves behind.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.vmi.ftrace import FtraceOps, direct_calls, registered_ops
+from vims.vmi.linux import WalkError
+
+MODULES_VADDR = 0xFFFFFFFFC0000000
+MODULES_END = 0xFFFFFFFFFF000000
+FTRACE_OPS_FL_SAVE_REGS = 1 << 2  # include/linux/ftrace.h, unchanged since 3.7
+MAX_LISTED = 32  # hooked functions named in one finding's evidence
+
+
+@dataclass(frozen=True)
+class CodeMap:
+    """Kernel text and module text ranges of one round, runtime addresses."""
+
+    kernel: tuple[int, int]
+    regions: tuple[tuple[int, int, str, bool], ...]  # (start, end, module, known), sorted
+
+    def _region(self, addr: int) -> tuple[int, int, str, bool] | None:
+        i = bisect.bisect_right(self.regions, (addr, 1 << 64)) - 1
+        if i >= 0 and self.regions[i][0] <= addr < self.regions[i][1]:
+            return self.regions[i]
+        return None
+
+    def known(self, addr: int) -> bool:
+        if self.kernel[0] <= addr < self.kernel[1]:
+            return True
+        region = self._region(addr)
+        return region is not None and region[3]
+
+    def owner(self, addr: int) -> str:
+        """Where an address lives, in words an analyst can check."""
+        if self.kernel[0] <= addr < self.kernel[1]:
+            return "kernel text"
+        region = self._region(addr)
+        if region is not None:
+            start, _, name, known = region
+            return f"text of module {name}+0x{addr - start:x}" + (
+                "" if known else " (a module the policy and baseline do not know)")
+        if MODULES_VADDR <= addr < MODULES_END:
+            return "module area memory that no loaded module owns"
+        return "memory outside kernel and module text"
+
+
+def code_map(ctx: Context) -> CodeMap:
+    """The round's code map, built once per round."""
+    cached: CodeMap | None = ctx.memo.get("code_map")
+    if cached is not None:
+        return cached
+    allow = ctx.policy.get("modules", {}).get("allow")
+    baseline: dict[str, Any] = (ctx.baseline or {}).get("modules", {})
+    regions = []
+    for mod in ctx.modules:
+        known = (mod.name in allow) if allow is not None else (
+            not baseline or mod.name in baseline)
+        if mod.base and mod.text_size:
+            regions.append((mod.base, mod.base + mod.text_size, mod.name, known))
+    cmap = CodeMap((ctx.mem.sym("_stext"), ctx.mem.sym("_etext")), tuple(sorted(regions)))
+    ctx.memo["code_map"] = cmap
+    return cmap
+
+
+@dataclass(frozen=True)
+class FtraceState:
+    ops: list[FtraceOps]
+    direct: list[tuple[int, int]]
+
+    def call_targets(self, ctx: Context) -> set[int]:
+        """Where an enabled fentry site may call: the ftrace callers, each registered
+        ops' trampoline and each direct-call target."""
+        fixed = {ctx.mem.sym(n) for n in ("ftrace_caller", "ftrace_regs_caller", "__fentry__")
+                 if ctx.profile.has_symbol(n)}
+        return (fixed | {o.trampoline for o in self.ops if o.trampoline}
+                | {target for _, target in self.direct})
+
+
+def ftrace_state(ctx: Context) -> FtraceState:
+    """Registered ftrace ops and direct calls, walked once per round."""
+    cached: FtraceState | None = ctx.memo.get("ftrace")
+    if cached is None:
+        if not ctx.profile.has_symbol("ftrace_ops_list"):
+            raise CheckError("kernel built without dynamic ftrace (no ftrace_ops_list)")
+        cached = FtraceState(registered_ops(ctx.mem), direct_calls(ctx.mem))
+        ctx.memo["ftrace"] = cached
+    return cached
+
+
+def trampoline_call(ctx: Context, ops: FtraceOps) -> tuple[int, bytes] | None:
+    """The call inside an ops' trampoline (a copy of the ftrace caller) and its bytes."""
+    if not ops.trampoline:
+        return None
+    regs = ops.flags & FTRACE_OPS_FL_SAVE_REGS
+    start, call = ("ftrace_regs_caller", "ftrace_regs_call") if regs else (
+        "ftrace_caller", "ftrace_call")
+    if not (ctx.profile.has_symbol(start) and ctx.profile.has_symbol(call)):
+        return None
+    offset = ctx.profile.symbol(call) - ctx.profile.symbol(start)
+    if not 0 <= offset <= ops.trampoline_size - 5:
+        return None  # a static trampoline (size 0): its call is kernel text, judged there
+    site = ops.trampoline + offset
+    return site, ctx.mem.read(site, 5)
+
+
+class FtraceCheck(Check):
+    id: ClassVar[str] = "kernel.ftrace"
+    description: ClassVar[str] = (
+        "Every ftrace handler, trampoline call and direct call lands in known code.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.checks.kernel import symbolize
+        from vims.vmi.ktext import CALL, branch_target
+
+        try:
+            state = ftrace_state(ctx)
+        except WalkError as exc:
+            raise CheckError(f"ftrace structures corrupt: {exc}") from exc
+        cmap = code_map(ctx)
+        allow_direct = set(ctx.policy.get("ftrace", {}).get("allow_direct", []))
+        out = []
+        for ops in state.ops:
+            hooked = [symbolize(ctx, ip) for ip in ops.functions[:MAX_LISTED]]
+            where: dict[str, Any] = {"ops": f"0x{ops.address:x}", "hooked": hooked,
+                     "hooked_count": len(ops.functions) or "all functions",
+                     "trampoline": f"0x{ops.trampoline:x}"}
+            what = ", ".join(hooked[:3]) + (" …" if len(ops.functions) > 3 else "") \
+                if ops.functions else "every function"
+            if not cmap.known(ops.func):
+                out.append(self.finding(
+                    f"ftrace handler 0x{ops.func:x} in {cmap.owner(ops.func)} hooks {what}",
+                    handler=f"0x{ops.func:x}", handler_owner=cmap.owner(ops.func), **where))
+            call = trampoline_call(ctx, ops)
+            if call is not None:
+                site, code = call
+                target = branch_target(site, code)
+                if code[0] != CALL or target is None or not cmap.known(target):
+                    owner = cmap.owner(target) if target is not None else "no call"
+                    out.append(self.finding(
+                        f"ftrace trampoline 0x{ops.trampoline:x} calls into {owner} "
+                        f"for {what}", site=f"0x{site:x}", found=code.hex(),
+                        target=f"0x{target:x}" if target is not None else None,
+                        target_owner=owner, **where))
+        for ip, target in state.direct:
+            name = symbolize(ctx, ip)
+            if name.split("+")[0] in allow_direct:
+                continue
+            out.append(self.finding(
+                f"direct call from {name} to 0x{target:x} in {cmap.owner(target)}",
+                Severity.HIGH if cmap.known(target) else Severity.CRITICAL,
+                hooked=name, target=f"0x{target:x}", target_owner=cmap.owner(target)))
+        return out
