@@ -258,6 +258,31 @@ def test_cli_check_clean_exit_0_and_table(lab: Lab, profile_path: Path, baseline
     assert "PASS" in table.stdout
 
 
+def test_no_policy_judges_no_workload_it_was_not_told_about(
+        lab_manager: LabManager, lab: Lab, profile_path: Path, baseline_path: Path) -> None:
+    # A workload the lab's policy does not describe (another web server port, a
+    # listener, a daemon under another name): without a policy nothing may flag it.
+    try:
+        start_bg(lab_manager, lab, "httpd -p 8080 -h /www -f", "httpd", "8080")
+        start_bg(lab_manager, lab, "nc -l -p 7777 >/dev/null 2>&1 </dev/null", "nc", "7777")
+        start_bg(lab_manager, lab, "sleep 6061 </dev/null >/dev/null 2>&1", "sleep", "6061")
+        proc = vims("check", "--memory", lab.ram_path, "--profile", str(profile_path),
+                    "--baseline", str(baseline_path), "--format", "json")
+    finally:
+        kill_tagged(lab_manager, lab, "httpd", "8080")
+        kill_tagged(lab_manager, lab, "nc", "7777")
+        kill_tagged(lab_manager, lab, "sleep", "6061")
+    report = json.loads(proc.stdout)
+    assert report["findings"] == [], report["findings"]
+    assert proc.returncode == 0, proc.stderr
+    status = {c["id"]: (c["status"], c["error"]) for c in report["checks"]}
+    for cid in ("behaviour.children", "behaviour.files", "behaviour.sockets",
+                "behaviour.memory"):
+        assert status[cid] == ("not_applicable", "no behaviour policy")
+    assert status["process.allowlist"][0] == "not_applicable"
+    assert status["kernel.text"] == ("pass", None)
+
+
 # --------------------------------------------------------------- attacks
 def test_syscall_hook_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                baseline: dict[str, Any], policy: dict[str, Any]) -> None:

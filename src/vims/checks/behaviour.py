@@ -15,9 +15,14 @@ invariants from the policy's ``behaviour`` section::
     }
 
 A process matches the first app whose ``comm``, ``exe`` and ``parent`` globs
-all match. Memory invariants hold for every process. Every inet listener and
-outbound connection must be allowed by its process's app, so an unexpected
-listener or connection is a finding even for a program no rule names.
+all match. The checks judge only what a policy describes: without a
+``behaviour`` section, ``behaviour.children``, ``.files``, ``.sockets`` and
+``.memory`` report ``not_applicable: no behaviour policy`` (a workload VIMS has
+never seen has daemons, ports and JITs no default can know). With one, the
+policy describes the whole network surface: every inet listener and outbound
+connection must be allowed by its process's app, so a listener or connection of
+a program no rule names is a finding. Memory invariants then hold for every
+process, with the policy's exemptions.
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.checks.base import (
+    Category,
+    Check,
+    CheckError,
+    Context,
+    Finding,
+    NotApplicable,
+    Severity,
+)
 from vims.checks.rules import glob_any, matches
 from vims.vmi.behaviour import VM_EXEC, VM_WRITE, Behaviour, Sock
 from vims.vmi.linux import Task
@@ -45,9 +58,19 @@ def _behaviour(ctx: Context) -> Behaviour:
     return _READERS[ctx]
 
 
+def _behaviour_policy(ctx: Context) -> dict[str, Any]:
+    """The policy's ``behaviour`` section; without one there is nothing to judge against."""
+    section = ctx.policy.get("behaviour")
+    if section is None:
+        raise NotApplicable("no behaviour policy")
+    if not isinstance(section, dict):
+        raise CheckError("policy behaviour must be an object")
+    return section
+
+
 def _processes(ctx: Context) -> Iterator[tuple[Task, Task | None, dict[str, Any] | None]]:
     """User processes (thread-group leaders), their parent, and their app rule if any."""
-    apps = ctx.policy.get("behaviour", {}).get("apps", [])
+    apps = _behaviour_policy(ctx).get("apps", [])
     if not isinstance(apps, list):
         raise CheckError("policy behaviour.apps must be a list")
     by_pid = {t.pid: t for t in ctx.tasks}
@@ -163,7 +186,7 @@ class MemoryCheck(Check):
     category = Category.RUNTIME_OPAQUE
 
     def run(self, ctx: Context) -> list[Finding]:
-        mem_policy = ctx.policy.get("behaviour", {}).get("memory", {})
+        mem_policy = _behaviour_policy(ctx).get("memory", {})
         allow_wx = mem_policy.get("allow_wx", [])
         allow_anon = mem_policy.get("allow_anon_exec", [])
         out = []
@@ -202,7 +225,9 @@ class CredsChangeCheck(Check):
         before: dict[str, list[Any]] = ctx.history.get(self.id, {})
         now: dict[str, list[Any]] = {}
         out = []
-        for t, _, _ in _processes(ctx):
+        for t in ctx.tasks:
+            if not t.mm or t.pid != t.tgid:  # kernel threads and exited processes
+                continue
             key = f"{t.pid}:{ctx.mem.u64(t.address + start_off)}"
             now[key] = [t.uid, t.euid, t.exe]
             prev = before.get(key)

@@ -160,7 +160,7 @@ class AllowlistCheck(Check):
     def run(self, ctx: Context) -> list[Finding]:
         rules: list[dict[str, Any]] | None = ctx.policy.get("processes", {}).get("allow")
         if rules is None:
-            raise CheckError("needs a policy with processes.allow")
+            raise NotApplicable("no process policy (processes.allow)")
         allow_kthreads = ctx.policy.get("processes", {}).get("kernel_threads", True)
         by_pid = {t.pid: t for t in ctx.tasks}
         out = []
