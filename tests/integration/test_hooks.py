@@ -142,7 +142,7 @@ def test_the_ftrace_callers_call_redirected_is_found(lab_manager: LabManager, la
 @pytest.fixture(scope="module")
 def tracing(lab_manager: LabManager, lab: Lab) -> Iterator[None]:
     """The function tracer on one function and a kprobe event on another, from tracefs."""
-    sh(lab_manager, lab, f"mountpoint -q {TRACING} || mount -t tracefs nodev {TRACING}")
+    sh(lab_manager, lab, f"[ -e {TRACING}/trace ] || mount -t tracefs nodev {TRACING}")
     sh(lab_manager, lab, f"echo __do_sys_getppid > {TRACING}/set_ftrace_filter && "
        f"echo function > {TRACING}/current_tracer && "
        f"echo 'p:vims_probe do_sys_openat2' > {TRACING}/kprobe_events && "
@@ -211,3 +211,75 @@ def test_a_trampoline_call_redirected_is_found(lab_manager: LabManager, lab: Lab
             hits = findings_of(round_(mem, baseline, policy, "kernel.ftrace"), "kernel.ftrace")
     assert [h["evidence"]["target"] for h in hits] == [f"0x{hook:x}"]
     assert "trampoline" in hits[0]["summary"]
+
+
+# --------------------------------------------------------------- kernel data
+def data_findings(mem: GuestMemory, baseline: dict[str, Any],
+                  policy: dict[str, Any]) -> list[dict[str, Any]]:
+    return findings_of(round_(mem, baseline, policy, "kernel.data"), "kernel.data")
+
+
+@pytest.mark.parametrize(("sysctl", "variable", "evil"), [
+    ("kernel/modprobe", "modprobe_path", "/tmp/vims-evil"),
+    ("kernel/core_pattern", "core_pattern", "|/tmp/vims-evil %p"),
+])
+def test_a_usermode_helper_path_rewritten_in_the_guest_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any], sysctl: str, variable: str, evil: str) -> None:
+    # What a rootkit does to get its program run as root by the kernel itself.
+    clean = sh(lab_manager, lab, f"cat /proc/sys/{sysctl}").rstrip("\n")
+    assert clean == baseline["kernel_data"]["strings"][variable]
+    sh(lab_manager, lab, f"echo '{evil}' > /proc/sys/{sysctl}")
+    try:
+        hits = data_findings(mem, baseline, policy)
+        allowed = {**policy, "kernel_data": {"allow": {variable: ["/tmp/vims-*", "|/tmp/*"]}}}
+        assert data_findings(mem, baseline, allowed) == []
+    finally:
+        sh(lab_manager, lab, f"echo '{clean}' > /proc/sys/{sysctl}")
+    assert [(h["evidence"]["variable"], h["evidence"]["found"]) for h in hits] == [
+        (variable, evil)]
+    assert data_findings(mem, baseline, policy) == []
+
+
+def test_an_lsm_hook_re_pointed_at_unowned_memory_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    from vims.vmi.kdata import lsm_hooks
+
+    hook = unowned(mem)
+    with lab_manager.paused(lab.name):
+        hooks = lsm_hooks(mem)
+        assert len(hooks) == baseline["kernel_data"]["lsm_hooks"] > 0
+        victim = next(h for h in hooks if h.hook == "file_open") if any(
+            h.hook == "file_open" for h in hooks) else hooks[0]
+        at = victim.entry + mem.profile.offset("security_hook_list", "hook")
+        with patched(mem, at, struct.pack("<Q", hook)):
+            hits = data_findings(mem, baseline, policy)
+    assert [(h["evidence"]["hook"], h["evidence"]["handler"]) for h in hits] == [
+        (victim.hook, f"0x{hook:x}")]
+    assert hits[0]["evidence"]["handler_owner"] == "module area memory that no loaded module owns"
+
+
+def test_a_tracepoint_probe_in_unowned_memory_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    from vims.vmi.kdata import tracepoint_probes
+
+    event = f"{TRACING}/events/sched/sched_process_fork/enable"
+    sh(lab_manager, lab, f"[ -e {TRACING}/trace ] || mount -t tracefs nodev {TRACING}")
+    sh(lab_manager, lab, f"echo 1 > {event}")
+    try:
+        assert data_findings(mem, baseline, policy) == []  # the kernel's own probe
+        hook = unowned(mem)
+        with lab_manager.paused(lab.name):
+            probe = next(p for p in tracepoint_probes(mem)
+                         if p.tracepoint == "sched_process_fork")
+            tp = mem.sym("__tracepoint_sched_process_fork")
+            array = mem.u64(tp + mem.profile.offset("tracepoint", "funcs"))  # funcs[0].func
+            with patched(mem, array, struct.pack("<Q", hook)):
+                hits = data_findings(mem, baseline, policy)
+        assert probe.func != hook
+        assert [(h["evidence"]["tracepoint"], h["evidence"]["handler"]) for h in hits] == [
+            ("sched_process_fork", f"0x{hook:x}")]
+    finally:
+        sh(lab_manager, lab, f"echo 0 > {event}")

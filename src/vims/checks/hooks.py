@@ -1,4 +1,5 @@
-"""Where kernel code may live, and the hooks that redirect it: ftrace.
+"""Where kernel code may live, and the hooks that redirect it: ftrace, LSM hooks,
+tracepoint probes, and the kernel data that names what the kernel executes.
 
 A hook's handler is judged by the memory it lives in. *Known code* is the
 kernel's text and the text of modules the C-VM is expected to run (those the
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.checks.rules import glob_any
 from vims.vmi.ftrace import FtraceOps, direct_calls, registered_ops
 from vims.vmi.linux import WalkError
 
@@ -164,4 +166,50 @@ class FtraceCheck(Check):
                 f"direct call from {name} to 0x{target:x} in {cmap.owner(target)}",
                 Severity.HIGH if cmap.known(target) else Severity.CRITICAL,
                 hooked=name, target=f"0x{target:x}", target_owner=cmap.owner(target)))
+        return out
+
+
+class KernelDataCheck(Check):
+    id: ClassVar[str] = "kernel.data"
+    description: ClassVar[str] = (
+        "Usermode-helper paths equal the clean baseline; LSM hooks and tracepoint probes "
+        "run known code.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.vmi.kdata import helper_strings, lsm_hooks, tracepoint_probes
+
+        clean: dict[str, Any] = ctx.need_baseline("kernel_data")
+        allow: dict[str, list[str]] = ctx.policy.get("kernel_data", {}).get("allow", {})
+        out = []
+        for name, value in helper_strings(ctx.mem).items():
+            want = clean.get("strings", {}).get(name)
+            if value != want and not glob_any(value, allow.get(name, [])):
+                out.append(self.finding(f"{name} is {value!r}, the clean guest's is {want!r}",
+                                        variable=name, expected=want, found=value))
+        cmap = code_map(ctx)
+        try:
+            hooks = lsm_hooks(ctx.mem)
+            probes = tracepoint_probes(ctx.mem)
+        except WalkError as exc:
+            raise CheckError(f"kernel hook lists corrupt: {exc}") from exc
+        for hook in hooks:
+            if not cmap.known(hook.func):
+                out.append(self.finding(
+                    f"LSM hook {hook.hook} runs 0x{hook.func:x} in {cmap.owner(hook.func)}",
+                    hook=hook.hook, entry=f"0x{hook.entry:x}", handler=f"0x{hook.func:x}",
+                    handler_owner=cmap.owner(hook.func)))
+        if "lsm_hooks" in clean and len(hooks) != clean["lsm_hooks"]:
+            out.append(self.finding(
+                f"the LSM hook lists hold {len(hooks)} entries, the clean guest's "
+                f"{clean['lsm_hooks']}", Severity.HIGH, expected=clean["lsm_hooks"],
+                found=len(hooks)))
+        for probe in probes:
+            if not cmap.known(probe.func):
+                out.append(self.finding(
+                    f"tracepoint {probe.tracepoint} probe 0x{probe.func:x} in "
+                    f"{cmap.owner(probe.func)}", tracepoint=probe.tracepoint,
+                    handler=f"0x{probe.func:x}", handler_owner=cmap.owner(probe.func),
+                    data=f"0x{probe.data:x}"))
         return out

@@ -441,6 +441,10 @@ class Profile:
     def size(self, struct: str) -> int:
         return int(self._struct(struct)["size"])
 
+    def members(self, struct: str) -> list[str]:
+        """The direct members of ``struct`` (nested paths left out)."""
+        return [m for m in self._struct(struct)["members"] if "." not in m]
+
     def member(self, struct: str, member_path: str) -> MemberInfo:
         """Locate ``member_path`` (``pid``, ``core_layout.base``) from the start of ``struct``."""
         try:
