@@ -166,9 +166,10 @@ def test_legitimate_tracing_is_not_a_finding(tracing: None, mem: GuestMemory,
     assert "do_sys_openat2" in hooked
     assert any(n.endswith("sys_getppid") for n in hooked)
     assert any(o.trampoline for o in ops)  # the kernel allocated a trampoline
-    report = round_(mem, baseline, policy, "kernel.text", "kernel.ftrace")
+    report = round_(mem, baseline, policy, "kernel.text", "kernel.ftrace", "kernel.kprobes")
     assert findings_of(report, "kernel.text") == []
     assert findings_of(report, "kernel.ftrace") == []
+    assert findings_of(report, "kernel.kprobes") == []
 
 
 def test_an_ftrace_handler_in_unowned_memory_is_found(lab_manager: LabManager, lab: Lab,
@@ -211,6 +212,61 @@ def test_a_trampoline_call_redirected_is_found(lab_manager: LabManager, lab: Lab
             hits = findings_of(round_(mem, baseline, policy, "kernel.ftrace"), "kernel.ftrace")
     assert [h["evidence"]["target"] for h in hits] == [f"0x{hook:x}"]
     assert "trampoline" in hits[0]["summary"]
+
+
+# --------------------------------------------------------------- kprobes
+@pytest.fixture(scope="module")
+def mid_probe(lab_manager: LabManager, lab: Lab, mem: GuestMemory) -> Iterator[int]:
+    """A kprobe event on the instruction after do_sys_openat2's fentry site: a probe
+    the kernel implements by patching text (int3, then an optimized jmp), not ftrace."""
+    fentry = site_in(mem, "do_sys_openat2", Site.FTRACE)
+    offset = fentry + 5 - mem.sym("do_sys_openat2")
+    sh(lab_manager, lab, f"[ -e {TRACING}/trace ] || mount -t tracefs nodev {TRACING}")
+    sh(lab_manager, lab, f"echo 'p:vims_mid do_sys_openat2+{offset}' >> {TRACING}/kprobe_events"
+       f" && echo 1 > {TRACING}/events/kprobes/vims_mid/enable && cat /proc/self/status"
+       " > /dev/null && sleep 1")
+    try:
+        yield fentry + 5
+    finally:
+        sh(lab_manager, lab, f"echo 0 > {TRACING}/events/kprobes/vims_mid/enable; "
+           f"echo '-:vims_mid' >> {TRACING}/kprobe_events")
+
+
+def test_a_kprobe_patching_text_is_accounted_for(mid_probe: int, mem: GuestMemory,
+                                                 baseline: dict[str, Any],
+                                                 policy: dict[str, Any]) -> None:
+    from vims.vmi.kprobes import registered_kprobes
+
+    with mem.paused():
+        probes = [kp for kp in registered_kprobes(mem) if kp.addr == mid_probe]
+        patched_byte = mem.read(mid_probe, 1)
+    assert len(probes) == 1
+    assert patched_byte in (b"\xcc", b"\xe9")
+    report = round_(mem, baseline, policy, "kernel.text", "kernel.kprobes")
+    assert findings_of(report, "kernel.text") == []
+    assert findings_of(report, "kernel.kprobes") == []
+
+
+def test_a_kprobe_handler_in_unowned_memory_is_found(lab_manager: LabManager, lab: Lab,
+                                                     mid_probe: int, mem: GuestMemory,
+                                                     baseline: dict[str, Any],
+                                                     policy: dict[str, Any]) -> None:
+    from vims.vmi.kprobes import registered_kprobes
+
+    hook = unowned(mem)
+    with lab_manager.paused(lab.name):
+        (kp,) = [kp for kp in registered_kprobes(mem) if kp.addr == mid_probe]
+        at = kp.address + mem.profile.offset("kprobe", "pre_handler")
+        with patched(mem, at, struct.pack("<Q", hook)):
+            hits = findings_of(round_(mem, baseline, policy, "kernel.kprobes"),
+                               "kernel.kprobes")
+            allowed = {**policy, "kprobes": {"allow": ["do_sys_openat2"]}}
+            assert findings_of(round_(mem, baseline, allowed, "kernel.kprobes"),
+                               "kernel.kprobes") == []
+    assert [(h["evidence"]["role"], h["evidence"]["handler"]) for h in hits] == [
+        ("pre_handler", f"0x{hook:x}")]
+    assert hits[0]["evidence"]["probed"].startswith("do_sys_openat2+")
+    assert hits[0]["evidence"]["handler_owner"] == "module area memory that no loaded module owns"
 
 
 # --------------------------------------------------------------- kernel data

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
 from vims.checks.rules import glob_any
 from vims.vmi.ftrace import FtraceOps, direct_calls, registered_ops
+from vims.vmi.kprobes import Kprobe, registered_kprobes
 from vims.vmi.linux import WalkError
 
 MODULES_VADDR = 0xFFFFFFFFC0000000
@@ -212,4 +213,44 @@ class KernelDataCheck(Check):
                     f"{cmap.owner(probe.func)}", tracepoint=probe.tracepoint,
                     handler=f"0x{probe.func:x}", handler_owner=cmap.owner(probe.func),
                     data=f"0x{probe.data:x}"))
+        return out
+
+
+def kprobe_state(ctx: Context) -> list[Kprobe]:
+    """Registered kprobes, walked once per round."""
+    cached: list[Kprobe] | None = ctx.memo.get("kprobes")
+    if cached is None:
+        try:
+            cached = registered_kprobes(ctx.mem)
+        except WalkError as exc:
+            raise CheckError(f"kprobe_table corrupt: {exc}") from exc
+        ctx.memo["kprobes"] = cached
+    return cached
+
+
+class KprobesCheck(Check):
+    id: ClassVar[str] = "kernel.kprobes"
+    description: ClassVar[str] = (
+        "Every kprobe's and kretprobe's handlers land in known code.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.checks.kernel import symbolize
+
+        allow = set(ctx.policy.get("kprobes", {}).get("allow", []))
+        cmap = code_map(ctx)
+        out = []
+        for kp in kprobe_state(ctx):
+            probed = symbolize(ctx, kp.addr)
+            if probed.split("+")[0] in allow:
+                continue
+            kind = "kretprobe" if kp.kretprobe else "kprobe"
+            for role, func in kp.handlers:
+                if not cmap.known(func):
+                    out.append(self.finding(
+                        f"{kind} on {probed} runs its {role} 0x{func:x} in {cmap.owner(func)}",
+                        probed=probed, address=f"0x{kp.addr:x}", kprobe=f"0x{kp.address:x}",
+                        role=role, handler=f"0x{func:x}", handler_owner=cmap.owner(func),
+                        flags=kp.flags))
         return out
