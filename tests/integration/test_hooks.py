@@ -269,6 +269,32 @@ def test_a_kprobe_handler_in_unowned_memory_is_found(lab_manager: LabManager, la
     assert hits[0]["evidence"]["handler_owner"] == "module area memory that no loaded module owns"
 
 
+# --------------------------------------------------------------- netfilter
+def test_a_netfilter_hook_in_unowned_memory_is_found(lab_manager: LabManager, lab: Lab,
+                                                     mem: GuestMemory, baseline: dict[str, Any],
+                                                     policy: dict[str, Any]) -> None:
+    # KoviD/Reptile's magic-packet hook on IPv4 LOCAL_IN, its entries and handler in
+    # memory no module owns. The entries go in a scratch page (empty_zero_page), the
+    # guest paused throughout; both writes are undone before it runs again.
+    from vims.vmi.netfilter import netfilter_hooks
+
+    p = mem.profile
+    slot = (mem.sym("init_net") + p.offset("net", "nf") + p.offset("netns_nf", "hooks_ipv4")
+            + 8 * 1)  # NF_INET_LOCAL_IN
+    scratch, hook = mem.sym("empty_zero_page"), unowned(mem)
+    entries = struct.pack("<HxxxxxxQQ", 1, hook, 0)
+    with lab_manager.paused(lab.name):
+        assert [h for h in netfilter_hooks(mem) if h.family == "ipv4" and h.hooknum == 1] == []
+        with patched(mem, scratch, entries), patched(mem, slot, struct.pack("<Q", scratch)):
+            hits = findings_of(round_(mem, baseline, policy, "kernel.netfilter"),
+                               "kernel.netfilter")
+    assert [(h["evidence"]["family"], h["evidence"]["hook"], h["evidence"]["handler"])
+            for h in hits] == [("ipv4", "local_in", f"0x{hook:x}")]
+    assert hits[0]["evidence"]["handler_owner"] == "module area memory that no loaded module owns"
+    assert findings_of(round_(mem, baseline, policy, "kernel.netfilter"),
+                       "kernel.netfilter") == []
+
+
 # --------------------------------------------------------------- kernel data
 def data_findings(mem: GuestMemory, baseline: dict[str, Any],
                   policy: dict[str, Any]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from vims.checks.behaviour import (
     MemoryCheck,
     SocketsCheck,
 )
-from vims.checks.hooks import FtraceCheck, KernelDataCheck, KprobesCheck
+from vims.checks.hooks import FtraceCheck, KernelDataCheck, KprobesCheck, NetfilterCheck
 from vims.checks.kernel import (
     HiddenModulesCheck,
     IdtCheck,
@@ -28,7 +28,7 @@ from vims.checks.trace import TraceCheck
 ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
-              FtraceCheck, KprobesCheck, KernelDataCheck,
+              FtraceCheck, KprobesCheck, NetfilterCheck, KernelDataCheck,
               HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck,
               ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
               TraceCheck, Cr3ViewCheck)

@@ -254,3 +254,40 @@ class KprobesCheck(Check):
                         role=role, handler=f"0x{func:x}", handler_owner=cmap.owner(func),
                         flags=kp.flags))
         return out
+
+
+INET_HOOKS = ("pre_routing", "local_in", "forward", "local_out", "post_routing")
+HOOK_NAMES = {"ipv4": INET_HOOKS, "ipv6": INET_HOOKS, "bridge": INET_HOOKS,
+              "arp": ("in", "out", "forward"), "netdev": ("ingress", "egress")}
+
+
+class NetfilterCheck(Check):
+    id: ClassVar[str] = "kernel.netfilter"
+    description: ClassVar[str] = (
+        "Every netfilter hook of every network namespace and device lands in known code.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.checks.kernel import symbolize
+        from vims.vmi.netfilter import netfilter_hooks
+
+        try:
+            hooks = netfilter_hooks(ctx.mem)
+        except WalkError as exc:
+            raise CheckError(f"netfilter hooks corrupt: {exc}") from exc
+        cmap = code_map(ctx)
+        out = []
+        for h in hooks:
+            if cmap.known(h.func):
+                continue
+            names = HOOK_NAMES.get(h.family, ())
+            point = names[h.hooknum] if h.hooknum < len(names) else str(h.hooknum)
+            where = f"{h.family} {point}" + (f" on {h.device}" if h.device else "")
+            out.append(self.finding(
+                f"netfilter hook {where} (netns {h.netns}) runs 0x{h.func:x} in "
+                f"{cmap.owner(h.func)}", netns=h.netns, family=h.family, hook=point,
+                device=h.device or None, handler=f"0x{h.func:x}",
+                handler_symbol=symbolize(ctx, h.func), handler_owner=cmap.owner(h.func),
+                priv=f"0x{h.priv:x}"))
+        return out
