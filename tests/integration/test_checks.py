@@ -437,6 +437,49 @@ def test_unexpected_listener_is_found(lab_manager: LabManager, lab: Lab, mem: Gu
         sh(lab_manager, lab, "kill $(pidof nc); true")
 
 
+def test_a_program_running_from_a_deleted_file_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    # A dropper's habit: start the payload, delete it, leave nothing on disk.
+    try:
+        sh(lab_manager, lab, "mkdir -p /tmp/vims-gone && cp /bin/busybox /tmp/vims-gone/sleep")
+        start_bg(lab_manager, lab, "/tmp/vims-gone/sleep 6062 </dev/null >/dev/null 2>&1",
+                 "sleep", "6062")
+        sh(lab_manager, lab, "rm -rf /tmp/vims-gone")
+        hits = findings_of(round_(mem, baseline, policy, "process.fileless"), "process.fileless")
+        allowed = {**policy, "fileless": {"allow_deleted": ["sleep"]}}
+        assert findings_of(round_(mem, baseline, allowed, "process.fileless"),
+                           "process.fileless") == []
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "6062")
+    assert [(h["evidence"]["comm"], h["evidence"]["exe"], h["evidence"]["memfd"])
+            for h in hits] == [("sleep", "/tmp/vims-gone/sleep", False)]
+
+
+def test_ld_preload_in_an_environment_and_ld_so_preload_are_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any]) -> None:
+    # Symbiote's way in: the loader maps the attacker's library into every program.
+    try:
+        start_bg(lab_manager, lab, "LD_PRELOAD=/tmp/vims-evil.so sleep 6063 </dev/null "
+                 ">/dev/null 2>&1", "sleep", "6063")
+        env_hits = findings_of(round_(mem, baseline, policy, "process.fileless"),
+                               "process.fileless")
+    finally:
+        kill_tagged(lab_manager, lab, "sleep", "6063")
+    assert [(h["evidence"]["comm"], h["evidence"]["ld_preload"]) for h in env_hits] == [
+        ("sleep", "/tmp/vims-evil.so")]
+    try:
+        sh(lab_manager, lab, "echo /tmp/vims-evil.so > /etc/ld.so.preload")
+        file_hits = findings_of(round_(mem, baseline, policy, "process.fileless"),
+                                "process.fileless")
+    finally:
+        sh(lab_manager, lab, "rm -f /etc/ld.so.preload")
+    assert [h["evidence"].get("path") for h in file_hits] == ["/etc/ld.so.preload"]
+    assert findings_of(round_(mem, baseline, policy, "process.fileless"),
+                       "process.fileless") == []
+
+
 def test_root_credentials_written_in_place_are_found(
         lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
         policy: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from vims.checks.process import (
     CodeCheck,
     Cr3ViewCheck,
     CredsCheck,
+    FilelessCheck,
     HiddenProcessCheck,
 )
 from vims.checks.trace import TraceCheck
@@ -29,7 +30,7 @@ ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
               FtraceCheck, KprobesCheck, NetfilterCheck, KernelDataCheck,
-              HiddenProcessCheck, CodeCheck, AllowlistCheck, CredsCheck,
+              HiddenProcessCheck, CodeCheck, FilelessCheck, AllowlistCheck, CredsCheck,
               ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
               TraceCheck, Cr3ViewCheck)
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -16,8 +17,15 @@ from vims.checks.base import (
     NotApplicable,
     Severity,
 )
-from vims.checks.rules import matches
-from vims.vmi.linux import MAX_RB_NODES, MAX_TASKS, Struct, WalkError, is_kernel_pointer
+from vims.checks.rules import glob_any, matches
+from vims.vmi.linux import (
+    MAX_RB_NODES,
+    MAX_TASKS,
+    Struct,
+    WalkError,
+    is_kernel_pointer,
+    list_for_each,
+)
 from vims.vmi.memory import MemoryReadError
 
 XA_CHUNK_SIZE = 64
@@ -321,3 +329,117 @@ class Cr3ViewCheck(Check):
             f"process {h['pid']} ({h['comm']}) ran on its own page tables "
             f"({h['switches']} switches in {stats.seconds:.1f} s) but is not on the task list",
             **h) for h in result.hidden]
+
+
+# ------------------------------------------------------------------ fileless code
+MAX_ENV = 128 << 10  # a process's environment block, read at most this far
+MAX_CHILDREN = 1 << 16
+PRELOAD_FILE = ("etc", "ld.so.preload")
+
+
+def _unlinked(ctx: Context, file: int) -> bool:
+    """The file's dentry is unhashed: deleted, or never had a name (memfd, O_TMPFILE)."""
+    p = ctx.profile
+    dentry = ctx.mem.u64(file + p.offset("file", "f_path") + p.offset("path", "dentry"))
+    if not is_kernel_pointer(dentry):
+        raise WalkError("exe dentry is not a kernel pointer", file)
+    pprev = ctx.mem.u64(dentry + p.offset("dentry", "d_hash") + p.offset("hlist_bl_node",
+                                                                         "pprev"))
+    return pprev == 0 and ctx.mem.u64(dentry + p.offset("dentry", "d_parent")) != dentry
+
+
+def _child(ctx: Context, dentry: int, name: str) -> int:
+    """A child dentry by name from the dcache (0 if none is cached)."""
+    p, mem = ctx.profile, ctx.mem
+    if p.has_member("dentry", "d_subdirs"):  # up to 6.7: list_head d_subdirs / d_child
+        link = p.offset("dentry", "d_child")
+        nodes: Iterator[int] = list_for_each(mem, dentry + p.offset("dentry", "d_subdirs"),
+                                             MAX_CHILDREN)
+    else:  # 6.8+: hlist d_children / d_sib
+        link = p.offset("dentry", "d_sib")
+        nodes = _hlist(ctx, mem.u64(dentry + p.offset("dentry", "d_children")))
+    for node in nodes:
+        child = node - link
+        if ctx.linux._dentry_name(child) == name:
+            return child
+    return 0
+
+
+def _hlist(ctx: Context, first: int) -> Iterator[int]:
+    node, seen = first, 0
+    while node:
+        if not is_kernel_pointer(node) or seen > MAX_CHILDREN:
+            raise WalkError("dentry child list corrupt", node)
+        seen += 1
+        yield node
+        node = ctx.mem.u64(node)
+
+
+def preload_file_present(ctx: Context) -> bool:
+    """Whether the guest's /etc/ld.so.preload exists, from the dcache of init's root.
+
+    The dynamic loader opens it for every program it starts, so it is in the dcache
+    whenever it exists and anything ran since it was written; a negative dentry (no
+    inode) means it does not exist.
+    """
+    p, mem = ctx.profile, ctx.mem
+    fs = mem.u64(mem.sym("init_task") + p.offset("task_struct", "fs"))
+    if not is_kernel_pointer(fs):
+        raise WalkError("init's fs_struct is not a kernel pointer", fs)
+    dentry = mem.u64(fs + p.offset("fs_struct", "root") + p.offset("path", "dentry"))
+    for name in PRELOAD_FILE:
+        dentry = _child(ctx, dentry, name)
+        if not dentry:
+            return False
+    return mem.u64(dentry + p.offset("dentry", "d_inode")) != 0
+
+
+def _environment_preload(ctx: Context, t: Any) -> str | None:
+    """The value of LD_PRELOAD in a process's environment block, if set."""
+    p = ctx.profile
+    start, end = struct.unpack("<QQ", ctx.mem.read(t.mm + p.offset("mm_struct", "env_start"),
+                                                   16))
+    if not t.pgd or not 0 < end - start <= MAX_ENV:
+        return None
+    try:
+        env = ctx.mem.read_user(start, end - start, t.pgd)
+    except MemoryReadError:
+        return None  # swapped out or not yet faulted in: nothing to judge
+    for entry in env.split(b"\0"):
+        if entry.startswith(b"LD_PRELOAD="):
+            return entry[len(b"LD_PRELOAD="):].decode("utf-8", errors="backslashreplace")
+    return None
+
+
+class FilelessCheck(Check):
+    id: ClassVar[str] = "process.fileless"
+    description: ClassVar[str] = (
+        "No process runs a deleted or memory-only file; no LD_PRELOAD or /etc/ld.so.preload "
+        "the policy does not allow.")
+    severity = Severity.CRITICAL
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        rules = ctx.policy.get("fileless", {})
+        allow_deleted = rules.get("allow_deleted", [])
+        allow_preload = rules.get("allow_preload", [])
+        out = []
+        for t in ctx.tasks:
+            if not t.mm or t.pid != t.tgid:
+                continue
+            if t.exe_file and _unlinked(ctx, t.exe_file) and not glob_any(t.comm,
+                                                                          allow_deleted):
+                memfd = t.exe.lstrip("/").startswith("memfd:")
+                out.append(self.finding(
+                    f"process {t.pid} ({t.comm}) runs "
+                    + (f"memory-only code from {t.exe}" if memfd else f"{t.exe}, deleted"),
+                    pid=t.pid, comm=t.comm, exe=t.exe, memfd=memfd, uid=t.uid))
+            preload = _environment_preload(ctx, t)
+            if preload is not None and not glob_any(t.comm, allow_preload):
+                out.append(self.finding(
+                    f"process {t.pid} ({t.comm}) runs with LD_PRELOAD={preload}",
+                    Severity.HIGH, pid=t.pid, comm=t.comm, exe=t.exe, ld_preload=preload))
+        if not rules.get("allow_preload_file") and preload_file_present(ctx):
+            out.append(self.finding("/etc/ld.so.preload exists: every dynamically linked "
+                                    "program loads what it names", path="/etc/ld.so.preload"))
+        return out

@@ -51,7 +51,7 @@ EVIDENCE_CHECK = "avm.evidence"
 DEFAULT_CHECKS = ("kernel.text", "kernel.syscall_table", "kernel.idt", "kernel.modules",
                   "kernel.hidden_modules", "kernel.ftrace", "kernel.kprobes",
                   "kernel.netfilter", "kernel.data",
-                  "process.hidden", "process.code",
+                  "process.hidden", "process.code", "process.fileless",
                   "process.allowlist", "process.creds", "behaviour.children",
                   "behaviour.files", "behaviour.sockets", "behaviour.memory",
                   "behaviour.creds")
