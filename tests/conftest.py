@@ -141,7 +141,8 @@ def mem(lab: Lab, lab_manager: LabManager, profile_path: Path) -> Iterator[Guest
     from vims.vmi.profile import Profile
 
     with GuestMemory(Profile.load(profile_path), path=Path(lab.ram_path),
-                     pauser=lambda: lab_manager.paused(lab.name)) as m:
+                     pauser=lambda: lab_manager.paused(lab.name),
+                     vcpus=lambda: lab_manager.vcpu_state(lab.name)) as m:
         yield m
 
 

@@ -162,7 +162,19 @@ def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
         "modules": {m.name: {"size": m.size} for m in Linux(mem).modules()},
         "kernel_text": encode_text(normalized_text(mem)),
         "kernel_data": {"strings": helper_strings(mem), "lsm_hooks": len(lsm_hooks(mem))},
+        **_cpu_protections(mem),
     }
+
+
+def _cpu_protections(mem: GuestMemory) -> dict[str, Any]:
+    """The CR4 protections the clean guest's vCPUs run with (when the hypervisor says)."""
+    from vims.vmi.cpu import CR4_PROTECTIONS
+
+    vcpus = mem.vcpus()
+    if not vcpus:
+        return {}
+    return {"cpu": {"cr4": {name: all(v.cr4 & bit for v in vcpus)
+                            for name, bit in CR4_PROTECTIONS.items()}}}
 
 
 def save(baseline: dict[str, Any], out: Path) -> None:

@@ -365,3 +365,29 @@ def test_a_tracepoint_probe_in_unowned_memory_is_found(
             ("sched_process_fork", f"0x{hook:x}")]
     finally:
         sh(lab_manager, lab, f"echo 0 > {event}")
+
+
+# --------------------------------------------------------------- vCPU state
+def test_cr0_wp_cleared_on_a_vcpu_is_found(lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+                                           policy: dict[str, Any]) -> None:
+    # What a rootkit does before writing read-only kernel memory: clear CR0.WP. Done
+    # through the lab's gdbstub (which stops the VM while attached), undone before detach.
+    from vims.trace.gdbstub import Gdbstub
+
+    assert baseline["cpu"]["cr4"]["smep"] in (True, False)  # recorded at the clean boot
+    clean = run_round(mem, ["cpu.state"], baseline, policy, "none", {"memory": "lab"})
+    assert findings_of(clean, "cpu.state") == []
+    gdb = Gdbstub(Path(lab.gdb_socket))
+    try:
+        cr0 = gdb.read_registers()["cr0"]
+        assert cr0 & (1 << 16)
+        gdb.write_register("cr0", cr0 & ~(1 << 16))
+        try:
+            report = run_round(mem, ["cpu.state"], baseline, policy, "none", {"memory": "lab"})
+        finally:
+            gdb.write_register("cr0", cr0)
+    finally:
+        gdb.detach()
+    hits = findings_of(report, "cpu.state")
+    assert [h["evidence"]["cr0"] for h in hits] == [f"0x{cr0 & ~(1 << 16):x}"]
+    assert "CR0.WP" in hits[0]["summary"]

@@ -25,7 +25,7 @@ from vims.avm.config import AvmConfig, CvmConfig
 from vims.avm.evidence import VtpmEvidence, launch_items
 from vims.checks import ALL_CHECKS, DEFAULT_CHECKS
 from vims.checks.base import CheckError
-from vims.checks.cli import lab_pauser
+from vims.checks.cli import lab_pauser, lab_vcpus
 from vims.checks.runner import run_round
 from vims.checks.trace import TraceCheck
 from vims.errors import VimsError
@@ -78,7 +78,8 @@ class CvmTarget:
             if self.cfg.memory is not None:
                 self._lab_pause = lab_pauser(self.cfg.memory)  # None: a snapshot, no lab
                 self.mem = GuestMemory(self.profile, path=self.cfg.memory,
-                                       pauser=self._pause if self._lab_pause else None)
+                                       pauser=self._pause if self._lab_pause else None,
+                                       vcpus=lab_vcpus(self.cfg.memory))
             else:
                 self.mem = GuestMemory(self.profile, domain=self.cfg.domain)
         return self.mem

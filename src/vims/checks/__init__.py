@@ -8,7 +8,13 @@ from vims.checks.behaviour import (
     MemoryCheck,
     SocketsCheck,
 )
-from vims.checks.hooks import FtraceCheck, KernelDataCheck, KprobesCheck, NetfilterCheck
+from vims.checks.hooks import (
+    CpuStateCheck,
+    FtraceCheck,
+    KernelDataCheck,
+    KprobesCheck,
+    NetfilterCheck,
+)
 from vims.checks.kernel import (
     HiddenModulesCheck,
     IdtCheck,
@@ -29,7 +35,7 @@ from vims.checks.trace import TraceCheck
 ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
-              FtraceCheck, KprobesCheck, NetfilterCheck, KernelDataCheck,
+              FtraceCheck, KprobesCheck, NetfilterCheck, KernelDataCheck, CpuStateCheck,
               HiddenProcessCheck, CodeCheck, FilelessCheck, AllowlistCheck, CredsCheck,
               ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
               TraceCheck, Cr3ViewCheck)

@@ -15,6 +15,7 @@ import click
 from vims import baseline as baseline_mod
 from vims.checks.runner import exit_status, run_round, select_checks
 from vims.errors import VimsError
+from vims.vmi.cpu import VcpuState
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 from vims.vmi.vmcoreinfo import scan_file
@@ -31,6 +32,17 @@ def lab_pauser(ram: Path) -> Callable[[], contextlib.AbstractContextManager[obje
     return None
 
 
+def lab_vcpus(ram: Path) -> Callable[[], list[VcpuState]] | None:
+    """The lab's vCPU state through QMP when ``ram`` is a running lab's RAM file."""
+    from vims.lab import LabManager
+
+    mgr = LabManager()
+    for lab in mgr.list():
+        if Path(lab.ram_path).resolve() == ram.resolve():
+            return lambda: mgr.vcpu_state(lab.name)
+    return None
+
+
 def open_memory(profile: Profile, memory: Path | None, domain: str | None,
                 mode: str = "xen") -> GuestMemory:
     """Open the C-VM's memory after checking the profile is for the kernel it runs."""
@@ -42,7 +54,8 @@ def open_memory(profile: Profile, memory: Path | None, domain: str | None,
         notes = scan_file(memory)
         if notes:  # A guest could plant a fake note, but a mismatch is never benign.
             profile.check_matches(notes[0].build_id, notes[0].release)
-        return GuestMemory(profile, path=memory, pauser=lab_pauser(memory))
+        return GuestMemory(profile, path=memory, pauser=lab_pauser(memory),
+                           vcpus=lab_vcpus(memory))
     from libvmi import Libvmi  # noqa: F401 - fail early with the import error
 
     return GuestMemory(profile, domain=domain, mode=mode)

@@ -15,7 +15,15 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vims.checks.base import Category, Check, CheckError, Context, Finding, Severity
+from vims.checks.base import (
+    Category,
+    Check,
+    CheckError,
+    Context,
+    Finding,
+    NotApplicable,
+    Severity,
+)
 from vims.checks.rules import glob_any
 from vims.vmi.ftrace import FtraceOps, direct_calls, registered_ops
 from vims.vmi.kprobes import Kprobe, registered_kprobes
@@ -290,4 +298,58 @@ class NetfilterCheck(Check):
                 device=h.device or None, handler=f"0x{h.func:x}",
                 handler_symbol=symbolize(ctx, h.func), handler_owner=cmap.owner(h.func),
                 priv=f"0x{h.priv:x}"))
+        return out
+
+
+class CpuStateCheck(Check):
+    id: ClassVar[str] = "cpu.state"
+    description: ClassVar[str] = (
+        "Each vCPU runs with CR0.WP, the clean guest's CR4 protections, the kernel's IDT and "
+        "system-call entry.")
+    severity = Severity.CRITICAL
+    category = Category.HARDWARE
+    needs_pause = False  # registers read from the hypervisor, in one request
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.checks.kernel import symbolize
+        from vims.vmi.cpu import CR0_WP, CR4_PROTECTIONS
+        from vims.vmi.linux import xen_guest_type
+        from vims.vmi.memory import MemoryReadError
+
+        if xen_guest_type(ctx.mem) == "pv":
+            raise NotApplicable("Xen PV domain: Xen owns its control registers, system-call "
+                                "entry and trap table")
+        vcpus = ctx.mem.vcpus()
+        if vcpus is None:
+            raise NotApplicable("a memory snapshot has no vCPU state")
+        clean: dict[str, bool] = (ctx.baseline or {}).get("cpu", {}).get("cr4", {})
+        idt = ctx.mem.kv2p(ctx.mem.sym("idt_table"))
+        entry = ctx.mem.sym("entry_SYSCALL_64") if ctx.profile.has_symbol(
+            "entry_SYSCALL_64") else None
+        out = []
+        for v in vcpus:
+            if not v.cr0 & CR0_WP:
+                out.append(self.finding(
+                    f"vCPU {v.cpu} runs with CR0.WP clear: the kernel can write read-only "
+                    "memory", cpu=v.cpu, cr0=f"0x{v.cr0:x}"))
+            for name, bit in CR4_PROTECTIONS.items():
+                if clean.get(name) and not v.cr4 & bit:
+                    out.append(self.finding(
+                        f"vCPU {v.cpu} runs with CR4.{name.upper()} clear (set on the clean "
+                        "guest)", cpu=v.cpu, cr4=f"0x{v.cr4:x}", protection=name))
+            if v.idtr_base is not None:
+                try:
+                    where = ctx.mem.kv2p(v.idtr_base)
+                except MemoryReadError:
+                    where = -1
+                if where != idt:
+                    out.append(self.finding(
+                        f"vCPU {v.cpu}'s IDTR points at 0x{v.idtr_base:x}, not at idt_table",
+                        cpu=v.cpu, idtr=f"0x{v.idtr_base:x}",
+                        idt_table=f"0x{ctx.mem.sym('idt_table'):x}"))
+            if v.lstar is not None and entry is not None and v.lstar != entry:
+                out.append(self.finding(
+                    f"vCPU {v.cpu}'s MSR_LSTAR is {symbolize(ctx, v.lstar)}, not "
+                    "entry_SYSCALL_64", cpu=v.cpu, lstar=f"0x{v.lstar:x}",
+                    expected=f"0x{entry:x}"))
         return out

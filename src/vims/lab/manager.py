@@ -9,6 +9,7 @@ file or socket behind for long.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vims import ui
 from vims.errors import GuestCommandError, LabError
@@ -34,6 +35,9 @@ from vims.lab.qmp import qmp_command
 from vims.net import free_port
 from vims.paths import run_dir, shm_dir
 from vims.trace.gdbstub import owner_file, release
+
+if TYPE_CHECKING:
+    from vims.vmi.cpu import VcpuState
 
 READY_MARK = "VIMS-LAB-READY"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -546,6 +550,20 @@ class LabManager:
             if not was_paused:
                 qmp_command(Path(lab.qmp_socket), "cont")
                 owner.unlink(missing_ok=True)
+
+    def vcpu_state(self, name: str) -> builtins.list[VcpuState]:
+        """The guest's vCPU control registers, from QEMU's monitor."""
+        from vims.vmi.cpu import parse_info_registers
+
+        lab = self.get(name)
+        if lab.hypervisor == "xen":
+            raise LabError(f"lab '{name}' is a Xen lab: read its domains' vCPUs through LibVMI")
+        args: dict[str, Any] = {"command-line": "info registers -a"}
+        text = qmp_command(Path(lab.qmp_socket), "human-monitor-command", **args)
+        try:
+            return parse_info_registers(str(text))
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
 
     def snapshot(self, name: str, out: Path) -> int:
         """Copy the guest's physical memory, taken while paused, to ``out``; returns its size."""

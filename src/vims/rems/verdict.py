@@ -50,7 +50,7 @@ EVIDENCE_CHECK = "avm.evidence"
 # tests/unit/test_appraisal.py keeps the two lists equal) and their interval.
 DEFAULT_CHECKS = ("kernel.text", "kernel.syscall_table", "kernel.idt", "kernel.modules",
                   "kernel.hidden_modules", "kernel.ftrace", "kernel.kprobes",
-                  "kernel.netfilter", "kernel.data",
+                  "kernel.netfilter", "kernel.data", "cpu.state",
                   "process.hidden", "process.code", "process.fileless",
                   "process.allowlist", "process.creds", "behaviour.children",
                   "behaviour.files", "behaviour.sockets", "behaviour.memory",

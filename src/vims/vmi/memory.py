@@ -25,9 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from vims.errors import VimsError
 from vims.vmi.profile import Profile
+
+if TYPE_CHECKING:
+    from vims.vmi.cpu import VcpuState
 
 PAGE = 4096
 KERNEL_MAP = 0xFFFFFFFF80000000
@@ -83,12 +87,14 @@ class GuestMemory:
     def __init__(self, profile: Profile, *, path: Path | None = None, domain: str | None = None,
                  mode: str = "file",
                  pauser: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+                 vcpus: Callable[[], list[VcpuState]] | None = None,
                  ) -> None:
         from libvmi import INIT_DOMAINNAME, Libvmi, LibvmiError, VMIConfig, VMIMode
 
         self.profile = profile
         self._libvmi_error = LibvmiError
         self._pauser = pauser
+        self._vcpus = vcpus
         self._map: mmap.mmap | None = None
         self._path = path
         # The live domain read through a hypervisor driver (None for a memory file).
@@ -183,6 +189,19 @@ class GuestMemory:
         """Forget cached translations: the guest may have changed its page tables."""
         self.vmi.v2pcache_flush(ALL_DTBS)  # 0 would flush only a dtb-0 cache, i.e. nothing
         self.vmi.pagecache_flush()
+
+    def vcpus(self) -> list[VcpuState] | None:
+        """The vCPUs' control state from the hypervisor; None for a memory snapshot."""
+        if self._vcpus is not None:
+            return self._vcpus()
+        if self.domain is None:
+            return None
+        from vims.vmi.cpu import libvmi_vcpus
+
+        try:
+            return libvmi_vcpus(self.vmi)
+        except (self._libvmi_error, ValueError) as exc:
+            raise GuestMemoryError(f"LibVMI could not read vCPU registers: {exc}") from exc
 
     # -------------------------------------------------------------- symbols
     def sym(self, name: str) -> int:
