@@ -37,6 +37,7 @@ test-xen: setup
 bench: setup
 	$(PY) bench/lab_boot.py
 	$(PY) bench/check_round.py
+	$(PY) bench/churn_rounds.py --rounds 1000
 	$(PY) bench/rems_load.py --n 10,100,1000 --duration 10 --quote-every 10
 	$(PY) bench/rems_hostile.py
 	$(PY) bench/guest_overhead.py
