@@ -169,7 +169,10 @@ def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
 def _cpu_protections(mem: GuestMemory) -> dict[str, Any]:
     """The CR4 protections the clean guest's vCPUs run with (when the hypervisor says)."""
     from vims.vmi.cpu import CR4_PROTECTIONS
+    from vims.vmi.linux import xen_guest_type
 
+    if xen_guest_type(mem) == "pv":
+        return {}  # Xen owns a PV domain's control registers: cpu.state does not apply
     vcpus = mem.vcpus()
     if not vcpus:
         return {}

@@ -59,9 +59,13 @@ def libvmi_vcpus(vmi: object) -> list[VcpuState]:
     from libvmi import X86Reg
 
     n = int(vmi.get_num_vcpus())  # type: ignore[attr-defined]
+    get = vmi.get_vcpureg  # type: ignore[attr-defined]
     out = []
     for cpu in range(min(n, MAX_VCPUS)):
-        get = vmi.get_vcpureg  # type: ignore[attr-defined]
-        out.append(VcpuState(cpu, int(get(X86Reg.CR0.value, cpu)), int(get(X86Reg.CR4.value, cpu)),
-                             None, int(get(LIBVMI_MSR_LSTAR, cpu))))
+        try:
+            lstar: int | None = int(get(LIBVMI_MSR_LSTAR, cpu))
+        except Exception:  # noqa: BLE001 - not every driver/guest type exposes the MSR
+            lstar = None
+        out.append(VcpuState(cpu, int(get(X86Reg.CR0.value, cpu)),
+                             int(get(X86Reg.CR4.value, cpu)), None, lstar))
     return out
