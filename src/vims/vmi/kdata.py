@@ -29,6 +29,7 @@ HELPER_STRINGS = {"modprobe_path": 256, "core_pattern": 128, "poweroff_cmd": 256
 MAX_HOOKS_PER_HEAD = 64
 MAX_TRACEPOINTS = 1 << 14
 MAX_PROBES = 256
+MAX_SPAN = 4 << 20
 
 
 def helper_strings(mem: GuestMemory) -> dict[str, str]:
@@ -101,10 +102,17 @@ def tracepoint_probes(mem: GuestMemory) -> list[TracepointProbe]:
     funcs_off, name_off = p.offset("tracepoint", "funcs"), p.offset("tracepoint", "name")
     func_size = p.size("tracepoint_func")
     data_off = p.offset("tracepoint_func", "data")
+    tps = [lo + 4 * i + rel for i, rel in enumerate(offsets)]
+    # The tracepoints sit together in the image's __tracepoints section: one read of
+    # the span instead of a read per tracepoint (a few ms a round on 6.1's ~770).
+    span_lo, span_hi = (min(tps), max(tps) + p.size("tracepoint")) if tps else (0, 0)
+    span = mem.read(span_lo, span_hi - span_lo) if 0 < span_hi - span_lo <= MAX_SPAN else b""
     out = []
-    for i, rel in enumerate(offsets):
-        tp = lo + 4 * i + rel
-        funcs = mem.u64(tp + funcs_off)
+    for tp in tps:
+        if span:
+            funcs = struct.unpack_from("<Q", span, tp - span_lo + funcs_off)[0]
+        else:
+            funcs = mem.u64(tp + funcs_off)
         if not funcs:
             continue
         if not is_kernel_pointer(funcs):
