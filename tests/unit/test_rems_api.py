@@ -302,3 +302,22 @@ def test_a_reason_quoting_the_guest_is_a_valid_header(
     assert "x-injected" not in {k.lower() for k in r.headers}
     assert all(" " <= c <= "~" for c in reason), reason
     assert "not in the model" in reason
+
+
+@pytest.mark.parametrize("reason", [
+    "x" * 511 + " tail",  # cut at 512 right after a space
+    " leading and trailing ",
+    "newline\nand \u00e9 and \u2603",
+])
+def test_a_decision_reason_is_always_a_header_h11_can_send(reason: str) -> None:
+    import h11
+
+    from vims.rems.api import header_safe
+
+    value = header_safe(reason)
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn.next_event()
+    conn.send(h11.Response(status_code=200, headers=[("X-VIMS-Reason", value),
+                                                     ("Content-Length", "0")]))
+    assert len(value) <= 512

@@ -144,9 +144,10 @@ def header_safe(text: str, limit: int = 512) -> str:
 
     Reasons quote findings, and findings quote the guest (a process name, a path):
     a newline or a non-Latin-1 character there made the response unsendable, and
-    the gate saw its connection closed without an answer.
+    the gate saw its connection closed without an answer. h11 also refuses a value
+    that starts or ends with a space, which a cut at *limit* can leave.
     """
-    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit]).strip()
 
 
 def _allowed(request: Request, networks: Sequence[Network] | None) -> bool:
