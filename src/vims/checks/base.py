@@ -120,6 +120,12 @@ class Context:
         return self.view.tasks
 
     @property
+    def processes(self) -> list[Task]:
+        """User processes: thread-group leaders with an address space (no kernel
+        threads, no process past exit_mm)."""
+        return [t for t in self.tasks if t.mm and t.pid == t.tgid]
+
+    @property
     def modules(self) -> list[Module]:
         return self.view.modules
 

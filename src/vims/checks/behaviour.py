@@ -74,9 +74,7 @@ def _processes(ctx: Context) -> Iterator[tuple[Task, Task | None, dict[str, Any]
     if not isinstance(apps, list):
         raise CheckError("policy behaviour.apps must be a list")
     by_pid = {t.pid: t for t in ctx.tasks}
-    for t in ctx.tasks:
-        if not t.mm or t.pid != t.tgid:  # kernel threads and exited processes
-            continue
+    for t in ctx.processes:
         parent = by_pid.get(t.ppid)
         yield t, parent, next((a for a in apps if matches(a, t, parent)), None)
 
@@ -225,9 +223,7 @@ class CredsChangeCheck(Check):
         before: dict[str, list[Any]] = ctx.history.get(self.id, {})
         now: dict[str, list[Any]] = {}
         out = []
-        for t in ctx.tasks:
-            if not t.mm or t.pid != t.tgid:  # kernel threads and exited processes
-                continue
+        for t in ctx.processes:
             key = f"{t.pid}:{ctx.mem.u64(t.address + start_off)}"
             now[key] = [t.uid, t.euid, t.exe]
             prev = before.get(key)

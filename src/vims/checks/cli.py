@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,27 +20,37 @@ from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 from vims.vmi.vmcoreinfo import scan_file
 
+if TYPE_CHECKING:
+    from vims.lab import LabManager
 
-def lab_pauser(ram: Path) -> Callable[[], contextlib.AbstractContextManager[object]] | None:
-    """QMP stop/cont when ``ram`` is the RAM file of a running lab; None for a snapshot."""
+
+def _lab_of(ram: Path) -> tuple[LabManager, str] | None:
+    """The running lab whose RAM file ``ram`` is (None for a snapshot)."""
     from vims.lab import LabManager
 
     mgr = LabManager()
     for lab in mgr.list():
         if Path(lab.ram_path).resolve() == ram.resolve():
-            return lambda: mgr.paused(lab.name)
+            return mgr, lab.name
     return None
+
+
+def lab_pauser(ram: Path) -> Callable[[], contextlib.AbstractContextManager[object]] | None:
+    """QMP stop/cont when ``ram`` is the RAM file of a running lab; None for a snapshot."""
+    found = _lab_of(ram)
+    if found is None:
+        return None
+    mgr, name = found
+    return lambda: mgr.paused(name)
 
 
 def lab_vcpus(ram: Path) -> Callable[[], list[VcpuState]] | None:
     """The lab's vCPU state through QMP when ``ram`` is a running lab's RAM file."""
-    from vims.lab import LabManager
-
-    mgr = LabManager()
-    for lab in mgr.list():
-        if Path(lab.ram_path).resolve() == ram.resolve():
-            return lambda: mgr.vcpu_state(lab.name)
-    return None
+    found = _lab_of(ram)
+    if found is None:
+        return None
+    mgr, name = found
+    return lambda: mgr.vcpu_state(name)
 
 
 def open_memory(profile: Profile, memory: Path | None, domain: str | None,

@@ -24,13 +24,12 @@ from vims.checks.base import (
     NotApplicable,
     Severity,
 )
+from vims.checks.kernel import MODULES_END, MODULES_VADDR, symbolize
 from vims.checks.rules import glob_any
 from vims.vmi.ftrace import FtraceOps, direct_calls, registered_ops
 from vims.vmi.kprobes import Kprobe, registered_kprobes
 from vims.vmi.linux import WalkError
 
-MODULES_VADDR = 0xFFFFFFFFC0000000
-MODULES_END = 0xFFFFFFFFFF000000
 FTRACE_OPS_FL_SAVE_REGS = 1 << 2  # include/linux/ftrace.h, unchanged since 3.7
 MAX_LISTED = 32  # hooked functions named in one finding's evidence
 
@@ -66,6 +65,10 @@ class CodeMap:
         if MODULES_VADDR <= addr < MODULES_END:
             return "module area memory that no loaded module owns"
         return "memory outside kernel and module text"
+
+    def handler(self, addr: int) -> dict[str, Any]:
+        """A hook handler's evidence: its address and the memory it lives in."""
+        return {"handler": f"0x{addr:x}", "handler_owner": self.owner(addr)}
 
 
 def code_map(ctx: Context) -> CodeMap:
@@ -135,7 +138,6 @@ class FtraceCheck(Check):
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
-        from vims.checks.kernel import symbolize
         from vims.vmi.ktext import CALL, branch_target
 
         try:
@@ -155,7 +157,7 @@ class FtraceCheck(Check):
             if not cmap.known(ops.func):
                 out.append(self.finding(
                     f"ftrace handler 0x{ops.func:x} in {cmap.owner(ops.func)} hooks {what}",
-                    handler=f"0x{ops.func:x}", handler_owner=cmap.owner(ops.func), **where))
+                    **cmap.handler(ops.func), **where))
             call = trampoline_call(ctx, ops)
             if call is not None:
                 site, code = call
@@ -207,8 +209,7 @@ class KernelDataCheck(Check):
             if not cmap.known(hook.func):
                 out.append(self.finding(
                     f"LSM hook {hook.hook} runs 0x{hook.func:x} in {cmap.owner(hook.func)}",
-                    hook=hook.hook, entry=f"0x{hook.entry:x}", handler=f"0x{hook.func:x}",
-                    handler_owner=cmap.owner(hook.func)))
+                    hook=hook.hook, entry=f"0x{hook.entry:x}", **cmap.handler(hook.func)))
         if "lsm_hooks" in clean and len(hooks) != clean["lsm_hooks"]:
             out.append(self.finding(
                 f"the LSM hook lists hold {len(hooks)} entries, the clean guest's "
@@ -219,8 +220,7 @@ class KernelDataCheck(Check):
                 out.append(self.finding(
                     f"tracepoint {probe.tracepoint} probe 0x{probe.func:x} in "
                     f"{cmap.owner(probe.func)}", tracepoint=probe.tracepoint,
-                    handler=f"0x{probe.func:x}", handler_owner=cmap.owner(probe.func),
-                    data=f"0x{probe.data:x}"))
+                    data=f"0x{probe.data:x}", **cmap.handler(probe.func)))
         return out
 
 
@@ -244,7 +244,6 @@ class KprobesCheck(Check):
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
-        from vims.checks.kernel import symbolize
 
         allow = set(ctx.policy.get("kprobes", {}).get("allow", []))
         cmap = code_map(ctx)
@@ -259,8 +258,7 @@ class KprobesCheck(Check):
                     out.append(self.finding(
                         f"{kind} on {probed} runs its {role} 0x{func:x} in {cmap.owner(func)}",
                         probed=probed, address=f"0x{kp.addr:x}", kprobe=f"0x{kp.address:x}",
-                        role=role, handler=f"0x{func:x}", handler_owner=cmap.owner(func),
-                        flags=kp.flags))
+                        role=role, flags=kp.flags, **cmap.handler(func)))
         return out
 
 
@@ -277,7 +275,6 @@ class NetfilterCheck(Check):
     category = Category.EXECUTABLES
 
     def run(self, ctx: Context) -> list[Finding]:
-        from vims.checks.kernel import symbolize
         from vims.vmi.netfilter import netfilter_hooks
 
         try:
@@ -295,9 +292,8 @@ class NetfilterCheck(Check):
             out.append(self.finding(
                 f"netfilter hook {where} (netns {h.netns}) runs 0x{h.func:x} in "
                 f"{cmap.owner(h.func)}", netns=h.netns, family=h.family, hook=point,
-                device=h.device or None, handler=f"0x{h.func:x}",
-                handler_symbol=symbolize(ctx, h.func), handler_owner=cmap.owner(h.func),
-                priv=f"0x{h.priv:x}"))
+                device=h.device or None, handler_symbol=symbolize(ctx, h.func),
+                priv=f"0x{h.priv:x}", **cmap.handler(h.func)))
         return out
 
 
@@ -311,7 +307,6 @@ class CpuStateCheck(Check):
     needs_pause = False  # registers read from the hypervisor, in one request
 
     def run(self, ctx: Context) -> list[Finding]:
-        from vims.checks.kernel import symbolize
         from vims.vmi.cpu import CR0_WP, CR4_PROTECTIONS
         from vims.vmi.linux import xen_guest_type
         from vims.vmi.memory import MemoryReadError

@@ -424,9 +424,7 @@ class FilelessCheck(Check):
         allow_deleted = rules.get("allow_deleted", [])
         allow_preload = rules.get("allow_preload", [])
         out = []
-        for t in ctx.tasks:
-            if not t.mm or t.pid != t.tgid:
-                continue
+        for t in ctx.processes:
             if t.exe_file and _unlinked(ctx, t.exe_file) and not glob_any(t.comm,
                                                                           allow_deleted):
                 memfd = t.exe.lstrip("/").startswith("memfd:")

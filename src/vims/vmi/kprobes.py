@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vims.vmi.linux import WalkError, is_kernel_pointer, list_for_each
+from vims.vmi.linux import Struct, WalkError, is_kernel_pointer, list_for_each
 from vims.vmi.memory import GuestMemory
 
 KPROBE_TABLE_SIZE = 64  # 1 << KPROBE_HASH_BITS, unchanged since 2.6
@@ -36,19 +36,6 @@ class Kprobe:
     detour: int = 0  # an optimized probe's detour buffer, where its jmp must go
 
 
-def _read(mem: GuestMemory, kp: int) -> tuple[int, int, int, int, int, int]:
-    p = mem.profile
-    raw = mem.read(kp, p.size("kprobe"))
-
-    def q(member: str) -> int:
-        value: int = struct.unpack_from("<Q", raw, p.offset("kprobe", member))[0]
-        return value
-
-    return (struct.unpack_from("<Q", raw, p.offset("kprobe", "hlist"))[0], q("addr"),
-            struct.unpack_from("<I", raw, p.offset("kprobe", "flags"))[0],
-            q("pre_handler"), q("post_handler"), kp)
-
-
 def registered_kprobes(mem: GuestMemory) -> list[Kprobe]:
     """Every probe in ``kprobe_table``, aggregates expanded to their member probes."""
     p = mem.profile
@@ -63,13 +50,17 @@ def registered_kprobes(mem: GuestMemory) -> list[Kprobe]:
                           mem.read(mem.sym("kprobe_table"), 8 * KPROBE_TABLE_SIZE))
 
     def probe(kp: int) -> Kprobe:
-        _, addr, flags, pre, post, _ = _read(mem, kp)
+        k = Struct(mem, "kprobe", kp)
+        addr, flags, pre, post = k.ptr("addr"), k.u32("flags"), k.ptr("pre_handler"), k.ptr(
+            "post_handler")
         handlers = [("pre_handler", pre), ("post_handler", post)]
         is_ret = pre == kret
         if is_ret:  # the kprobe is the first member of its struct kretprobe
             handlers = [(role, mem.u64(kp + off)) for role, off in ret_off.items()]
         return Kprobe(kp, addr, flags, tuple((r, f) for r, f in handlers if f), is_ret)
 
+    if p.offset("kprobe", "hlist"):
+        raise WalkError("struct kprobe does not start with its hlist_node")
     out: list[Kprobe] = []
     for head in heads:
         node, seen = head, 0
@@ -79,9 +70,9 @@ def registered_kprobes(mem: GuestMemory) -> list[Kprobe]:
             seen += 1
             if seen > MAX_PER_BUCKET:
                 raise WalkError(f"kprobe_table bucket longer than {MAX_PER_BUCKET}", node)
-            if p.offset("kprobe", "hlist"):
-                raise WalkError("struct kprobe does not start with its hlist_node", node)
-            nxt, addr, flags, pre, _, _ = _read(mem, node)
+            k = Struct(mem, "kprobe", node)
+            nxt, addr, flags, pre = k.ptr("hlist"), k.ptr("addr"), k.u32("flags"), k.ptr(
+                "pre_handler")
             if pre == aggr:
                 detour = 0
                 if flags & KPROBE_FLAG_OPTIMIZED and p.has_struct("optimized_kprobe"):

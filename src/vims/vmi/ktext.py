@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
-JUMP_SITE = 5  # a rel32 jmp or 5-byte NOP; 2 for the short (jmp8 / 2-byte NOP) form
 STATIC_CALL_SITE = 5
 TRAMPOLINE = 8  # rel32 jmp + the "ud1 %esp,%ecx" signature (0f b9 cc)
 FTRACE_SITE = 5
