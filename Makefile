@@ -30,7 +30,7 @@ test: lint
 	@bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 # The nested Xen lab's tests alone (`make test` runs them too; VIMS_XEN_TESTS=0 leaves
-# them and the xen Molecule scenario out of it). See README, "The Xen lab".
+# them and the xen Molecule scenario out of it). See docs/xen-lab.md.
 test-xen: setup
 	$(PY) -m pytest -q tests/integration/test_xen_lab.py $(PYTEST_ARGS)
 
