@@ -48,6 +48,33 @@ def start_bg(mgr: LabManager, lab: Lab, cmd: str, comm: str, mark: str) -> None:
        f"[ \"$c\" = {comm} ] && exit 0; done; sleep 0.05; done; exit 1")
 
 
+GUEST_TOOLS = Path(__file__).parent / "guest"
+
+
+def guest_tool(name: str, out_dir: Path) -> bytes:
+    """tests/guest/<name>.c built on the host, static and without libc (the lab guest
+    has busybox and nothing else): the program's bytes."""
+    out = out_dir / name
+    if not out.exists():
+        subprocess.run(["gcc", "-static", "-nostdlib", "-O2", "-fno-stack-protector",
+                        "-fno-builtin", "-no-pie", "-Wall", "-Werror", "-s", "-o", str(out),
+                        str(GUEST_TOOLS / f"{name}.c")], check=True)
+    return out.read_bytes()
+
+
+def push(mgr: LabManager, lab: Lab, data: bytes, path: str, mode: str = "755") -> None:
+    """Copy ``data`` to ``path`` in the guest over the serial console, gzip'd in
+    console-sized base64 pieces."""
+    import base64
+    import gzip
+
+    blob = base64.b64encode(gzip.compress(data, 9)).decode()
+    sh(mgr, lab, f"rm -f {path}.gz")
+    for i in range(0, len(blob), 1000):
+        sh(mgr, lab, f"echo {blob[i:i + 1000]} | base64 -d >> {path}.gz")
+    sh(mgr, lab, f"gunzip -f {path}.gz && chmod {mode} {path}")
+
+
 def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.1) -> float:
     """Seconds until ``cond()`` holds; fails after ``timeout``."""
     start = time.monotonic()

@@ -151,8 +151,9 @@ def new_baseline(profile: Profile) -> dict[str, Any]:
 
 def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
     """What a clean, running guest contributes: IDT handlers and kernel text with the
-    KASLR slide removed, module sizes, the usermode-helper paths and how many LSM
-    hooks it has. The caller keeps the guest paused."""
+    KASLR slide removed, module sizes, the usermode-helper paths, how many LSM
+    hooks it has and the eBPF programs it runs. The caller keeps the guest paused."""
+    from vims.vmi.bpf import loaded_programs
     from vims.vmi.kdata import helper_strings, lsm_hooks
     from vims.vmi.ktext import encode_text, normalized_text  # zstandard only when needed
 
@@ -162,6 +163,7 @@ def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
         "modules": {m.name: {"size": m.size} for m in Linux(mem).modules()},
         "kernel_text": encode_text(normalized_text(mem)),
         "kernel_data": {"strings": helper_strings(mem), "lsm_hooks": len(lsm_hooks(mem))},
+        "bpf": [{"name": p.name, "tag": p.tag, "type": p.type} for p in loaded_programs(mem)],
         **_cpu_protections(mem),
     }
 

@@ -9,6 +9,7 @@ from vims.checks.behaviour import (
     SocketsCheck,
 )
 from vims.checks.hooks import (
+    BpfCheck,
     CpuStateCheck,
     FtraceCheck,
     KernelDataCheck,
@@ -35,7 +36,7 @@ from vims.checks.trace import TraceCheck
 ALL_CHECKS: dict[str, type[Check]] = {
     c.id: c
     for c in (KernelTextCheck, SyscallTableCheck, IdtCheck, ModulesCheck, HiddenModulesCheck,
-              FtraceCheck, KprobesCheck, NetfilterCheck, KernelDataCheck, CpuStateCheck,
+              FtraceCheck, KprobesCheck, BpfCheck, NetfilterCheck, KernelDataCheck, CpuStateCheck,
               HiddenProcessCheck, CodeCheck, FilelessCheck, AllowlistCheck, CredsCheck,
               ChildrenCheck, FilesCheck, SocketsCheck, MemoryCheck, CredsChangeCheck,
               TraceCheck, Cr3ViewCheck)

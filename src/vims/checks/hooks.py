@@ -262,6 +262,76 @@ class KprobesCheck(Check):
         return out
 
 
+#: Program types that run on kernel events or packets: what eBPF rootkits load.
+#: Socket filters and cgroup programs (systemd loads some) are listed, not judged.
+WATCHED_BPF_TYPES = frozenset({
+    "kprobe", "tracepoint", "raw_tracepoint", "raw_tracepoint_writable", "perf_event",
+    "tracing", "lsm", "ext", "struct_ops", "xdp", "sched_cls", "sched_act", "netfilter",
+    "sk_skb", "sk_msg", "flow_dissector", "lwt_in", "lwt_out", "lwt_xmit", "lwt_seg6local"})
+#: Helpers that let a program rewrite user memory or a kernel function's result.
+DANGEROUS_BPF_HELPERS = frozenset({"bpf_probe_write_user", "bpf_override_return"})
+
+
+class BpfCheck(Check):
+    id: ClassVar[str] = "kernel.bpf"
+    description: ClassVar[str] = (
+        "Every loaded eBPF program that traces the kernel or sees packets is one the "
+        "policy or the clean guest knows; none rewrites user memory or kernel results.")
+    severity = Severity.HIGH
+    category = Category.EXECUTABLES
+
+    def run(self, ctx: Context) -> list[Finding]:
+        from vims.vmi.bpf import (
+            kprobe_attachments,
+            link_targets,
+            loaded_programs,
+            trace_event_attachments,
+        )
+        from vims.vmi.memory import MemoryReadError
+
+        allow: list[str] = ctx.policy.get("bpf", {}).get("allow", [])
+        clean_tags = {p["tag"] for p in (ctx.baseline or {}).get("bpf", [])}
+        allowed_tags = {a.removeprefix("tag:").lower() for a in allow if a.startswith("tag:")}
+        allowed_names = [a for a in allow if not a.startswith("tag:")]
+        try:
+            progs = loaded_programs(ctx.mem)
+            if not progs:
+                return []
+            targets: dict[int, list[str]] = {}
+            dispatchers = {ctx.mem.sym(n) for n in ("kprobe_dispatcher", "kretprobe_dispatcher")
+                           if ctx.profile.has_symbol(n)}
+            kprobes = [(kp.address, kp.addr) for kp in kprobe_state(ctx)
+                       if any(f in dispatchers for _, f in kp.handlers)]
+            for address, where in kprobe_attachments(ctx.mem, kprobes).items():
+                targets.setdefault(address, []).extend(where)
+            for link in link_targets(ctx.mem):
+                if link.target:
+                    targets.setdefault(link.prog, []).append(link.target)
+            if any(p.type in {"tracepoint", "perf_event", "kprobe"} and p.address not in targets
+                   for p in progs):
+                for address, where in trace_event_attachments(ctx.mem).items():
+                    targets.setdefault(address, []).extend(where)
+        except (WalkError, MemoryReadError) as exc:
+            raise CheckError(f"eBPF structures corrupt: {exc}") from exc
+        out = []
+        for prog in progs:
+            prog.targets.extend(dict.fromkeys(targets.get(prog.address, [])))
+            if prog.tag in allowed_tags or prog.tag in clean_tags:
+                continue  # exactly the code the policy or the clean guest knows
+            dangerous = sorted(DANGEROUS_BPF_HELPERS.intersection(prog.helpers))
+            named = bool(prog.name) and glob_any(prog.name, allowed_names)
+            what = f"eBPF {prog.type} program {prog.name or '(unnamed)'} (id {prog.id}, " \
+                   f"tag {prog.tag})" + (f" on {', '.join(prog.targets)}" if prog.targets else "")
+            if dangerous:
+                # A name is the loader's to choose: only the tag vouches for such code.
+                out.append(self.finding(f"{what} calls {', '.join(dangerous)}",
+                                        Severity.CRITICAL, **prog.public()))
+            elif prog.type in WATCHED_BPF_TYPES and not named:
+                out.append(self.finding(f"{what} is not one the policy or the clean guest "
+                                        "knows", **prog.public()))
+        return out
+
+
 INET_HOOKS = ("pre_routing", "local_in", "forward", "local_out", "post_routing")
 HOOK_NAMES = {"ipv4": INET_HOOKS, "ipv6": INET_HOOKS, "bridge": INET_HOOKS,
               "arp": ("in", "out", "forward"), "netdev": ("ingress", "egress")}

@@ -49,7 +49,7 @@ EVIDENCE_CHECK = "avm.evidence"
 # The checks of a C-VM that has no policy assigned (the runtime's default checks;
 # tests/unit/test_appraisal.py keeps the two lists equal) and their interval.
 DEFAULT_CHECKS = ("kernel.text", "kernel.syscall_table", "kernel.idt", "kernel.modules",
-                  "kernel.hidden_modules", "kernel.ftrace", "kernel.kprobes",
+                  "kernel.hidden_modules", "kernel.ftrace", "kernel.kprobes", "kernel.bpf",
                   "kernel.netfilter", "kernel.data", "cpu.state",
                   "process.hidden", "process.code", "process.fileless",
                   "process.allowlist", "process.creds", "behaviour.children",
