@@ -183,3 +183,32 @@ def policy(lab_policy: Path) -> dict[str, Any]:
 # The collection's own unit tests need ansible-core, which lives in the controller
 # venv; scripts/ansible-checks.sh units runs them there.
 collect_ignore = ["unit/plugins"]
+
+
+# --------------------------------------------------------------- volatility3 oracle
+VOL = Path(sys.executable).with_name("vol")
+
+
+@pytest.fixture(scope="module")
+def vol_base(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """vol with the ISF that `vims profile build --isf` wrote (one cache for the module)."""
+    if not VOL.exists() and shutil.which("vol") is None:
+        pytest.skip("volatility3 (vol) is not installed")
+    base = tmp_path_factory.mktemp("volatility")
+    symbols, cache = base / "symbols", base / "cache"
+    cache.mkdir()
+    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(base / "p.json"),
+                "--isf", str(symbols / "linux" / "vims-lab.json.xz"))
+    assert proc.returncode == 0, proc.stderr
+    return [str(VOL if VOL.exists() else "vol"), "-q", "--offline", "--cache-path", str(cache),
+            "-s", str(symbols)]
+
+
+def vol_rows(volatility: list[str], plugin: str) -> list[list[str]]:
+    """Rows of a plugin's tab-separated output (header and banner lines dropped)."""
+    proc = subprocess.run([*volatility, plugin], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "\t" in line)
+    return [line.split("\t") for line in lines[header + 1:] if line.strip()]

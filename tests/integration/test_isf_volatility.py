@@ -8,14 +8,11 @@ compared with what the guest itself reports (``ps``, ``/proc/modules``).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import vims
+from tests.conftest import vims, vol_rows
 from vims.lab import Lab, LabManager
 from vims.vmi.linux import Linux, Struct
 from vims.vmi.memory import GuestMemory
@@ -23,38 +20,10 @@ from vims.vmi.profile import Profile
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-VOL = Path(sys.executable).with_name("vol")
-
-
-@pytest.fixture(scope="module")
-def vol_base(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """vol with the ISF that `vims profile build --isf` wrote (one cache for the module)."""
-    if not VOL.exists() and shutil.which("vol") is None:
-        pytest.skip("volatility3 (vol) is not installed")
-    base = tmp_path_factory.mktemp("volatility")
-    symbols, cache = base / "symbols", base / "cache"
-    cache.mkdir()
-    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(base / "p.json"),
-                "--isf", str(symbols / "linux" / "vims-lab.json.xz"))
-    assert proc.returncode == 0, proc.stderr
-    return [str(VOL if VOL.exists() else "vol"), "-q", "--offline", "--cache-path", str(cache),
-            "-s", str(symbols)]
-
-
 @pytest.fixture(scope="module")
 def volatility(lab: Lab, vol_base: list[str]) -> list[str]:
     """vol on the live RAM file of the lab."""
     return [*vol_base, "-f", str(lab.ram_path)]
-
-
-def run(volatility: list[str], plugin: str) -> list[list[str]]:
-    """Rows of a plugin's tab-separated output (header and banner lines dropped)."""
-    proc = subprocess.run([*volatility, plugin], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if "\t" in line)
-    return [line.split("\t") for line in lines[header + 1:] if line.strip()]
 
 
 def guest(mgr: LabManager, lab: Lab, cmd: str) -> str:
@@ -71,7 +40,7 @@ def test_pslist_matches_the_guests_ps(lab_manager: LabManager, lab: Lab,
                 if command.startswith("[") and "kworker" not in command}
 
     before = kernel_threads()
-    rows = run(volatility, "linux.pslist")  # OFFSET PID TID PPID COMM ...
+    rows = vol_rows(volatility, "linux.pslist")  # OFFSET PID TID PPID COMM ...
     by_pid = {int(r[1]): r[4] for r in rows}
     ps = [line.split(None, 2) for line in guest(lab_manager, lab, "ps").splitlines()[1:]]
     assert by_pid[1] == "init"
@@ -87,7 +56,7 @@ def test_pslist_matches_the_guests_ps(lab_manager: LabManager, lab: Lab,
 
 def test_lsmod_matches_proc_modules(lab_manager: LabManager, lab: Lab,
                                     volatility: list[str]) -> None:
-    rows = run(volatility, "linux.lsmod")  # Offset Name Size ...
+    rows = vol_rows(volatility, "linux.lsmod")  # Offset Name Size ...
     found = {r[1]: int(r[2], 16) for r in rows}
     proc_modules = {line.split()[0]: int(line.split()[1])
                     for line in guest(lab_manager, lab, "cat /proc/modules").splitlines()}
@@ -95,7 +64,7 @@ def test_lsmod_matches_proc_modules(lab_manager: LabManager, lab: Lab,
 
 
 def test_check_syscall_reads_the_table(volatility: list[str]) -> None:
-    rows = run(volatility, "linux.malware.check_syscall")  # Table Name Index Handler Symbol
+    rows = vol_rows(volatility, "linux.malware.check_syscall")  # Table Name Index Handler Symbol
     handlers = {int(r[2]): r[4] for r in rows if r[1] == "64bit"}
     # volatility sizes the table itself (min of __syscall_meta__ count and symbol gap)
     assert len(handlers) > 400
@@ -127,7 +96,7 @@ def vims_report(snap: Path, profile_path: Path) -> dict[str, object]:
 
 def test_oracle_pslist_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
                                         vol_base: list[str]) -> None:
-    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.pslist")
+    rows = vol_rows([*vol_base, "-f", str(hooked_snapshot)], "linux.pslist")
     vol = {(int(r[1]), int(r[3]), r[4]) for r in rows if int(r[1]) == int(r[2])}
     report = vims_report(hooked_snapshot, profile_path)
     ours = {(p["pid"], p["ppid"], p["comm"]) for p in report["processes"]}  # type: ignore[attr-defined]
@@ -161,7 +130,7 @@ def vol_skips(snap: Path, profile_path: Path) -> dict[tuple[int, int, str], str]
 
 def test_oracle_lsmod_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
                                        vol_base: list[str]) -> None:
-    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.lsmod")
+    rows = vol_rows([*vol_base, "-f", str(hooked_snapshot)], "linux.lsmod")
     vol = {(r[1], int(r[2], 16)) for r in rows}
     report = vims_report(hooked_snapshot, profile_path)
     assert {(m["name"], m["size"]) for m in report["modules"]} == vol  # type: ignore[attr-defined]
@@ -169,7 +138,7 @@ def test_oracle_lsmod_agrees_with_vims(hooked_snapshot: Path, profile_path: Path
 
 def test_oracle_check_syscall_agrees_with_vims(hooked_snapshot: Path, profile_path: Path,
                                                vol_base: list[str]) -> None:
-    rows = run([*vol_base, "-f", str(hooked_snapshot)], "linux.malware.check_syscall")
+    rows = vol_rows([*vol_base, "-f", str(hooked_snapshot)], "linux.malware.check_syscall")
     vol = {int(r[2]): (int(r[3], 16), r[4]) for r in rows if r[1] == "64bit"}
     report = vims_report(hooked_snapshot, profile_path)
     hooks = [f for f in report["findings"]  # type: ignore[attr-defined]

@@ -264,13 +264,37 @@ class KernelTextCheck(Check):
             diffs = self._unprobed(ctx, start, text, diffs)
         for diff in diffs:
             addr = start + diff.offset
+            branch = self._branch(ctx, start, text, expected, diff)
             out.append(self.finding(
-                f"kernel text modified at {symbolize(ctx, addr)}",
+                f"kernel text modified at {symbolize(ctx, addr)}" + (
+                    f": a branch into {branch['target_owner']}" if branch else ""),
                 address=f"0x{addr:x}", symbol=symbolize(ctx, addr), page=f"0x{addr & ~0xFFF:x}",
-                expected=diff.expected.hex(), found=diff.found.hex()))
+                expected=diff.expected.hex(), found=diff.found.hex(), **branch))
         if sites:
             out += self._judge_sites(ctx, start, sites)
         return out
+
+    @staticmethod
+    def _branch(ctx: Context, start: int, text: bytearray, expected: bytes,
+                diff: Any) -> dict[str, Any]:
+        """Where a changed rel32 call/jmp now goes, when the change lies inside one: a
+        re-pointed branch (an ``x64_sys_call`` case, a call site) or a written one."""
+        from vims.checks.hooks import code_map
+        from vims.vmi.ktext import CALL, JMP, branch_target
+
+        end = diff.offset + len(diff.found)
+        for back in range(5):
+            i = diff.offset - back
+            if i < 0 or end > i + 5 or text[i] not in (CALL, JMP) or (
+                    back and expected[i] != text[i]):
+                continue
+            target = branch_target(start + i, bytes(text[i:i + 5]))
+            if target is None:
+                continue
+            return {"instruction": f"0x{start + i:x}", "target": f"0x{target:x}",
+                    "target_symbol": symbolize(ctx, target),
+                    "target_owner": code_map(ctx).owner(target)}
+        return {}
 
     @staticmethod
     def _unprobed(ctx: Context, start: int, text: bytearray, diffs: list[Any]) -> list[Any]:

@@ -21,7 +21,8 @@ BTF describes types, not ordinary global variables, so symbol types come
 from BTF's per-CPU ``DATASEC`` variables plus a curated table of the globals
 volatility's Linux plugins read (:data:`GLOBAL_TYPES`): ``init_task``,
 ``init_mm``, ``init_files``, ``modules``, ``module_kset``, ``mod_tree``,
-``sys_call_table``, ``taint_flags``, ``tk_core`` and more. Array lengths are
+``sys_call_table``, ``taint_flags``, ``tk_core``, ``ftrace_ops_list``,
+``prog_idr`` and more. Array lengths are
 taken from the image (``taint_flags``: entries validated in the data) or from
 BTF (``sys_call_table``: ``nr_syscalls``).
 
@@ -340,6 +341,10 @@ GLOBAL_TYPES: dict[str, Callable[[_Builder], Desc | None]] = {
     "mem_section": lambda b: _pointer(_pointer(b.struct("mem_section"))),
     "init_top_pgt": lambda b: _array(b.typedef("pgd_t"), 512),
     "idt_table": lambda b: _array(b.struct("gate_struct"), 256),
+    "ftrace_ops_list": lambda b: _pointer(b.struct("ftrace_ops")),
+    "ftrace_list_end": _struct("ftrace_ops"),
+    "prog_idr": _struct("idr"),
+    "link_idr": _struct("idr"),
     "__per_cpu_offset": _gap_array("__per_cpu_offset", _base("long unsigned int"), 8),
     "_text": _base("char"),
     "_stext": _base("char"),
