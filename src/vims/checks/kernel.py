@@ -134,17 +134,35 @@ def kset_modules(ctx: Context) -> set[int]:
     return found
 
 
-def module_areas(ctx: Context) -> list[tuple[int, int]]:
-    """vmalloc areas inside the module range, by a range search of ``vmap_area_root``.
+MAX_VMAP_NODES = 1024
 
-    The rb-tree is ordered by ``va_start`` and module addresses sit at the top
-    of the kernel's address space, so only O(log n) other areas are visited.
+
+def _vmap_roots(ctx: Context) -> list[int]:
+    """The rb-trees of busy vmalloc areas: ``vmap_area_root`` until 6.8, then one
+    ``busy.root`` per ``vmap_node`` (``vmap_nodes[0..nr_vmap_nodes)``)."""
+    p, mem = ctx.profile, ctx.mem
+    if p.has_symbol("vmap_area_root"):
+        return [mem.u64(mem.sym("vmap_area_root"))]  # struct rb_root { struct rb_node *; }
+    if not (p.has_symbol("vmap_nodes") and p.has_symbol("nr_vmap_nodes")):
+        raise CheckError("kernel has neither vmap_area_root nor vmap_nodes")
+    nodes, count = mem.u64(mem.sym("vmap_nodes")), mem.u32(mem.sym("nr_vmap_nodes"))
+    if not 1 <= count <= MAX_VMAP_NODES or not is_kernel_pointer(nodes):
+        raise WalkError(f"vmap_nodes corrupt ({count} nodes)", nodes)
+    root, size = p.offset("vmap_node", "busy.root"), p.size("vmap_node")
+    return [mem.u64(nodes + i * size + root) for i in range(count)]
+
+
+def module_areas(ctx: Context) -> list[tuple[int, int]]:
+    """vmalloc areas inside the module range, by a range search of the busy trees.
+
+    A tree is ordered by ``va_start`` and module addresses sit at the top of
+    the kernel's address space, so only O(log n) other areas are visited.
     """
     p, mem = ctx.profile, ctx.mem
     rb_off = p.offset("vmap_area", "rb_node")
     left, right = p.offset("rb_node", "rb_left"), p.offset("rb_node", "rb_right")
     areas = []
-    stack = [mem.u64(mem.sym("vmap_area_root"))]  # struct rb_root { struct rb_node *rb_node; }
+    stack = _vmap_roots(ctx)
     visited = 0
     while stack:
         node = stack.pop()

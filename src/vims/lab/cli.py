@@ -63,6 +63,9 @@ def lab() -> None:
 @click.option("--kernel", type=click.Path(path_type=Path), default=None,
               help="Boot this bzImage instead of the cached Debian kernel (needs --initrd).")
 @click.option("--initrd", type=click.Path(path_type=Path), default=None, help="Initramfs to boot.")
+@click.option("--kernel-package", default=None, metavar="PACKAGE",
+              help="Debian kernel package to fetch and boot, e.g. linux-image-6.12-amd64 "
+                   "(default: what linux-image-amd64 depends on).")
 @click.option("--timeout", type=float, default=None,
               help="Seconds to wait for each ready line (default 180; 600 on Xen).")
 @click.option("--hypervisor", type=click.Choice(["qemu", "xen"]), default="qemu",
@@ -75,7 +78,8 @@ def lab() -> None:
               help="Xen: pv or pvh C-VM domains; a list (pv,pvh) mixes them in turn.")
 @FORMAT
 def up(name: str, memory: str | None, no_kaslr: bool, http_port: int | None, churn: bool,
-       accel: str, kernel: Path | None, initrd: Path | None, timeout: float | None,
+       accel: str, kernel: Path | None, initrd: Path | None, kernel_package: str | None,
+       timeout: float | None,
        hypervisor: str, cvms: int, domu_type: str, fmt: str) -> None:
     """Boot a lab C-VM and wait until its workload is ready."""
     xen = hypervisor == "xen"
@@ -85,12 +89,16 @@ def up(name: str, memory: str | None, no_kaslr: bool, http_port: int | None, chu
         domu_types(domu_type)  # a bad value is a usage error before anything boots
     if not xen and (cvms != 1 or domu_type != "pv"):
         raise click.UsageError("--cvms and --domu-type need --hypervisor xen")
-    if xen and (kernel or initrd or http_port or churn or no_kaslr or accel != "auto"):
-        raise click.UsageError("--hypervisor xen boots the lab kernel under TCG; it takes "
-                               "no --kernel/--initrd/--http-port/--churn/--no-kaslr/--accel")
+    if xen and (kernel or initrd or kernel_package or http_port or churn or no_kaslr
+                or accel != "auto"):
+        raise click.UsageError("--hypervisor xen boots the lab kernel under TCG; it takes no "
+                               "--kernel/--initrd/--kernel-package/--http-port/--churn/"
+                               "--no-kaslr/--accel")
+    if kernel and kernel_package:
+        raise click.UsageError("--kernel and --kernel-package exclude each other")
     spec = LabSpec(name=name, memory=parse_size(memory or ("256M" if xen else "512M")),
                    kaslr=not no_kaslr, http_port=http_port, kernel=kernel, initrd=initrd,
-                   accel=accel, churn=churn,
+                   kernel_package=kernel_package, accel=accel, churn=churn,
                    boot_timeout=timeout or (600.0 if xen else 180.0),
                    hypervisor=hypervisor, cvms=cvms, domu_type=domu_type)
     booted = LabManager().up(spec)

@@ -62,11 +62,12 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, timeout: float = 60
     return proc.stdout
 
 
-def current_kernel_package() -> str:
-    """Name of the kernel image package ``linux-image-amd64`` depends on."""
+def current_kernel_package(meta: str = "linux-image-amd64") -> str:
+    """Name of the kernel image package a meta-package (``linux-image-amd64``,
+    ``linux-image-6.12-amd64``) depends on."""
 
     def depends() -> str | None:
-        out = _run(["apt-cache", "depends", "linux-image-amd64"], "apt-cache depends")
+        out = _run(["apt-cache", "depends", meta], "apt-cache depends")
         for line in out.splitlines():
             name = line.split(":", 1)[-1].strip()
             if line.strip().startswith("Depends:") and _PKG_RE.match(name):
@@ -78,9 +79,7 @@ def current_kernel_package() -> str:
         _run(["apt-get", "update", "-qq"], "apt-get update")
         name = depends()
     if name is None:
-        raise LabError(
-            "cannot resolve the kernel package of linux-image-amd64 (run apt-get update)"
-        )
+        raise LabError(f"cannot resolve the kernel package of {meta} (run apt-get update)")
     return name
 
 
@@ -134,13 +133,18 @@ def ensure_kernel(package: str | None = None) -> GuestKernel:
         package = deb.name.split("_", 1)[0]
     kernels = cache_dir() / "kernels"
     if package is None:
-        # Prefer any cached kernel over a network round-trip.
-        cached = sorted(p for p in kernels.glob("linux-image-*") if load_cached(p))
-        if cached:
+        try:
+            package = current_kernel_package()
+        except LabError:
+            # Offline, no package lists: the newest cached kernel will do.
+            cached = sorted(p for p in kernels.glob("linux-image-*") if load_cached(p))
+            if not cached:
+                raise
             found = load_cached(cached[-1])
             assert found is not None
             return found
-        package = current_kernel_package()
+    if not _PKG_RE.match(package) or re.match(r"^linux-image-[0-9]+\.[0-9]+-amd64$", package):
+        package = current_kernel_package(package)  # a meta-package: its image package
     root = kernels / package
     found = load_cached(root)
     if found is not None:

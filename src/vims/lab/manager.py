@@ -65,7 +65,8 @@ class LabSpec:
     memory: int = 512 << 20
     kaslr: bool = True
     http_port: int | None = None  # None: pick a free port
-    kernel: Path | None = None  # None: the cached Debian kernel
+    kernel: Path | None = None  # None: the Debian kernel package below, fetched once
+    kernel_package: str | None = None  # None: what linux-image-amd64 depends on
     initrd: Path | None = None  # None: the built busybox initramfs
     accel: str = "auto"  # auto | tcg | kvm
     churn: bool = False
@@ -349,7 +350,7 @@ class LabManager:
         port, ram = self._preflight(spec)
         release = "unknown"
         if spec.kernel is None:
-            kernel: GuestKernel = ensure_kernel()
+            kernel: GuestKernel = ensure_kernel(spec.kernel_package)
             kernel_path, release = kernel.vmlinuz, kernel.release
             initrd = spec.initrd or ensure_initramfs(kernel)
         else:

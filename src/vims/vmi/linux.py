@@ -241,10 +241,21 @@ class Linux:
             yield node - off
 
     def threads_of(self, leader: int) -> Iterator[int]:
-        """Other threads of a thread group (``task_struct.thread_group``)."""
-        off = self.p.offset("task_struct", "thread_group")
-        for node in list_for_each(self.mem, leader + off, MAX_THREADS):
-            yield node - off
+        """Other threads of a thread group: ``task_struct.thread_group`` before 6.7,
+        then ``signal->thread_head``, which lists every thread, the leader too."""
+        if self.p.has_member("task_struct", "thread_group"):
+            off = self.p.offset("task_struct", "thread_group")
+            for node in list_for_each(self.mem, leader + off, MAX_THREADS):
+                yield node - off
+            return
+        signal = self.mem.u64(leader + self.p.offset("task_struct", "signal"))
+        if not is_kernel_pointer(signal):
+            raise WalkError("task signal is not a kernel pointer", leader)
+        off = self.p.offset("task_struct", "thread_node")
+        for node in list_for_each(self.mem, signal + self.p.offset("signal_struct",
+                                                                   "thread_head"), MAX_THREADS):
+            if node - off != leader:
+                yield node - off
 
     def tasks(self, with_threads: bool = False) -> list[Task]:
         out = []

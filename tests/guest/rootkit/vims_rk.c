@@ -72,13 +72,15 @@ static int find_lookup(void)
 /* Executable memory in the module area that outlives this module. */
 static void *orphan_copy(const u8 *insns, size_t len)
 {
+	/* module_alloc() until 6.9, then execmem_alloc(EXECMEM_DEFAULT, size). */
 	void *(*alloc)(unsigned long) = (void *)lookup("module_alloc");
+	void *(*execmem)(int, unsigned long) = (void *)lookup("execmem_alloc");
 	int (*set_x)(unsigned long, int) = (void *)lookup("set_memory_x");
 	void *mem;
 
-	if (!alloc || !set_x)
+	if (!(alloc || execmem) || !set_x)
 		return NULL;
-	mem = alloc(PAGE_SIZE);
+	mem = alloc ? alloc(PAGE_SIZE) : execmem(0, PAGE_SIZE);
 	if (!mem)
 		return NULL;
 	memset(mem, 0xcc, PAGE_SIZE);
@@ -234,7 +236,7 @@ static int __init rk_init(void)
 
 static void __exit rk_exit(void)
 {
-	void (*memfree)(void *) = (void *)lookup("module_memfree");
+	void (*memfree)(void *) = (void *)(lookup("module_memfree") ?: lookup("execmem_free"));
 
 	unhook(&rk);
 	if (patched_at)
