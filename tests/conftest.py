@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,29 +130,61 @@ def lab_manager() -> Iterator[LabManager]:
     shutil.rmtree(_RUN_DIR, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def lab(lab_manager: LabManager) -> Lab:
-    """The session's lab C-VM (KASLR on, 512 MiB), booted once."""
-    return lab_manager.up(LabSpec(name=SESSION_LAB))
+@dataclass(frozen=True)
+class Guest:
+    """A booted lab C-VM with its kernel's profile and its clean baseline."""
+
+    lab: Lab
+    profile: Path
+    baseline: Path
+
+
+def boot_guest(mgr: LabManager, name: str, tmp: Path, kernel_package: str | None = None,
+               ) -> Guest:
+    """Boot a lab C-VM, then build its profile and, while it is clean, its baseline,
+    with the real CLI."""
+    lab = mgr.up(LabSpec(name=name, kernel_package=kernel_package))
+    profile, baseline = tmp / "profile.json", tmp / "baseline.json"
+    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(profile))
+    assert proc.returncode == 0, proc.stderr
+    proc = vims("baseline", "build", "--profile", str(profile), "--initramfs", lab.initrd,
+                "--memory", lab.ram_path, "--out", str(baseline))
+    assert proc.returncode == 0, proc.stderr
+    return Guest(lab, profile, baseline)
 
 
 @pytest.fixture(scope="session")
-def profile_path(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def first_guest(lab_manager: LabManager, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """The session's lab C-VM (the current Debian 12 kernel, KASLR on, 512 MiB)."""
+    return boot_guest(lab_manager, SESSION_LAB, tmp_path_factory.mktemp("first-guest"))
+
+
+#: Debian 12's newer kernel: tests of kernel structures run on it too.
+SECOND_KERNEL = "linux-image-6.12-amd64"
+
+
+@pytest.fixture(scope="session")
+def second_guest(lab_manager: LabManager, tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """A second lab C-VM booting Debian 12's 6.12 kernel, booted on first use."""
+    return boot_guest(lab_manager, f"k2{os.getpid()}", tmp_path_factory.mktemp("second-guest"),
+                      SECOND_KERNEL)
+
+
+@pytest.fixture(scope="session")
+def lab(first_guest: Guest) -> Lab:
+    return first_guest.lab
+
+
+@pytest.fixture(scope="session")
+def profile_path(first_guest: Guest) -> Path:
     """The lab kernel's profile, built once per session with the real CLI."""
-    out = tmp_path_factory.mktemp("profile") / "profile.json"
-    proc = vims("profile", "build", "--kernel", lab.kernel, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return first_guest.profile
 
 
 @pytest.fixture(scope="session")
-def baseline_path(lab: Lab, profile_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def baseline_path(first_guest: Guest) -> Path:
     """Known-good baseline: the lab's initramfs and its freshly booted, clean memory."""
-    out = tmp_path_factory.mktemp("baseline") / "baseline.json"
-    proc = vims("baseline", "build", "--profile", str(profile_path), "--initramfs", lab.initrd,
-                "--memory", lab.ram_path, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return first_guest.baseline
 
 
 @pytest.fixture(scope="session")

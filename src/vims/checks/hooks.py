@@ -148,7 +148,9 @@ class FtraceCheck(Check):
         allow_direct = set(ctx.policy.get("ftrace", {}).get("allow_direct", []))
         out = []
         for ops in state.ops:
-            hooked = [symbolize(ctx, ip) for ip in ops.functions[:MAX_LISTED]]
+            # Filter-hash entries are fentry sites: the function's entry, or just past its
+            # ENDBR64 on IBT kernels (6.12): named by function.
+            hooked = [symbolize(ctx, ip).split("+")[0] for ip in ops.functions[:MAX_LISTED]]
             where: dict[str, Any] = {"ops": f"0x{ops.address:x}", "hooked": hooked,
                      "hooked_count": len(ops.functions) or "all functions",
                      "trampoline": f"0x{ops.trampoline:x}"}

@@ -218,8 +218,14 @@ static int __init rk_init(void)
 		st->nfho->priority = NF_IP_PRI_FIRST;
 		err = nf_register_net_hook(&init_net, st->nfho);
 	} else if (!strcmp(mode, "inline")) {
-		/* KHOOK: the function's first instruction is its fentry NOP. */
-		err = jmp_to(lookup("__x64_sys_kexec_load"), (unsigned long)code, 0xe9);
+		/* KHOOK: over the function's fentry NOP, its first instruction but for the
+		 * ENDBR64 that IBT kernels (6.12) put before it. */
+		static const u8 endbr64[] = { 0xf3, 0x0f, 0x1e, 0xfa };
+		unsigned long fn = lookup("__x64_sys_kexec_load");
+
+		if (!memcmp((void *)fn, endbr64, sizeof(endbr64)))
+			fn += sizeof(endbr64);
+		err = jmp_to(fn, (unsigned long)code, 0xe9);
 	} else if (!strcmp(mode, "syscall")) {
 		unsigned long site = branch_in(lookup("x64_sys_call"), lookup("__x64_sys_kexec_load"));
 

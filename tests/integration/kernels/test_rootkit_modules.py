@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.conftest import findings_of, guest_tool, push, start_bg, vims, vol_rows, wait_for
+
 from vims.baseline import load as load_baseline
 from vims.checks.runner import run_round
 from vims.lab import Lab, LabManager
 from vims.vmi.memory import GuestMemory
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
-SOURCE = Path(__file__).parents[1] / "guest" / "rootkit"
+SOURCE = Path(__file__).parents[2] / "guest" / "rootkit"
 KO = "/tmp/vims_rk.ko"
 MODLOAD = "/tmp/modload"
 EAGAIN = 11
@@ -144,7 +144,8 @@ def test_a_kprobe_left_by_a_vanished_module(
     lab_manager.exec(lab.name, "kill -0 1")  # the probed system call still works
     hit = only(hook_round(mem, baseline, policy), "kernel.kprobes")
     ev = hit["evidence"]
-    assert (ev["probed"], ev["role"], ev["handler_owner"]) == (
+    # (at +0x4 on IBT kernels such as 6.12: a probe on a symbol skips its ENDBR64)
+    assert (ev["probed"].split("+")[0], ev["role"], ev["handler_owner"]) == (
         "__x64_sys_kill", "pre_handler", UNOWNED)
     undo_orphan(lab_manager, lab, mem, baseline, policy, ev["handler"])
 
@@ -211,14 +212,14 @@ def test_volatility_sees_the_hooks_vims_reports(
         assert ftrace  # (volatility prints addresses in their low 48 bits)
         ebpf = {r[1]: r for r in vol_rows(volatility, "linux.ebpf")}
     finally:
-        lab_manager.exec(lab.name, "pkill -f vol_probe")
-        wait_for(lambda: not findings_of(run_round(mem, ["kernel.bpf"], baseline, policy,
-                                                   "auto", {"memory": "lab"}),
-                                         "kernel.bpf"), 20, 0.5)
+        lab_manager.exec(lab.name, "for p in $(grep -l vol_probe /proc/[0-9]*/cmdline); do "
+                                   "p=${p#/proc/}; kill ${p%/cmdline}; done")
     [fhook] = [f["evidence"] for f in findings_of(report, "kernel.ftrace")
                if "handler" in f["evidence"]]
     row = ftrace[low48(fhook["handler"])]
-    assert "__x64_sys_getdents64" in row[3]
+    # volatility 2.28.2 names a hooked function only at its exact address: on IBT kernels
+    # (6.12) the fentry site sits past ENDBR64 and it prints "-".
+    assert "__x64_sys_getdents64" in row[3] or (row[3] == "-" and "6.12" in mem.profile.release)
     assert int(row[0], 16) == low48(fhook["ops"])
     [nhook] = [f["evidence"] for f in findings_of(report, "kernel.netfilter")]
     row = netfilter[low48(nhook["handler"])]
@@ -227,4 +228,6 @@ def test_volatility_sees_the_hooks_vims_reports(
     [prog] = [f["evidence"] for f in findings_of(report, "kernel.bpf")]
     assert ebpf["vol_probe"][2] == prog["tag"]
     orphan_load(lab_manager, lab, f"undo={fhook['handler']}")
+    wait_for(lambda: not findings_of(run_round(mem, ["kernel.bpf"], baseline, policy, "auto",
+                                               {"memory": "lab"}), "kernel.bpf"), 20, 0.5)
     undo_orphan(lab_manager, lab, mem, baseline, policy, nhook["handler"])
