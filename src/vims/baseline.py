@@ -19,7 +19,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from vims.errors import VimsError
-from vims.vmi.linux import Linux, idt_handlers
+from vims.vmi.linux import Linux, idt_gates, idt_handlers
 from vims.vmi.memory import GuestMemory
 from vims.vmi.profile import Profile
 
@@ -160,6 +160,7 @@ def clean_guest_state(mem: GuestMemory) -> dict[str, Any]:
     slide = mem.kaslr_offset
     return {
         "idt": [a - slide if a else 0 for a in idt_handlers(mem)],
+        "idt_gates": [[selector, bits] for _, selector, bits in idt_gates(mem)],
         "modules": {m.name: {"size": m.size} for m in Linux(mem).modules()},
         "kernel_text": encode_text(normalized_text(mem)),
         "kernel_data": {"strings": helper_strings(mem), "lsm_hooks": len(lsm_hooks(mem))},

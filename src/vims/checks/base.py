@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from vims.vmi.cpu import VcpuState
 from vims.vmi.linux import KernelView, Linux, Module, Task
 from vims.vmi.memory import GuestMemory
 
@@ -128,6 +129,13 @@ class Context:
     @property
     def modules(self) -> list[Module]:
         return self.view.modules
+
+    def vcpus(self) -> list[VcpuState] | None:
+        """The vCPUs' control state, asked of the hypervisor once per round."""
+        if "vcpus" not in self.memo:
+            self.memo["vcpus"] = self.mem.vcpus()
+        found: list[VcpuState] | None = self.memo["vcpus"]
+        return found
 
     def need_baseline(self, section: str) -> Any:
         if self.baseline is None or section not in self.baseline:

@@ -386,7 +386,7 @@ class CpuStateCheck(Check):
         if xen_guest_type(ctx.mem) == "pv":
             raise NotApplicable("Xen PV domain: Xen owns its control registers, system-call "
                                 "entry and trap table")
-        vcpus = ctx.mem.vcpus()
+        vcpus = ctx.vcpus()
         if vcpus is None:
             raise NotApplicable("a memory snapshot has no vCPU state")
         clean: dict[str, bool] = (ctx.baseline or {}).get("cpu", {}).get("cr4", {})

@@ -17,7 +17,6 @@ from vims.checks.base import (
 from vims.vmi.linux import (
     MAX_MODULES,
     WalkError,
-    idt_handlers,
     is_kernel_pointer,
     list_for_each,
     xen_guest_type,
@@ -58,29 +57,69 @@ class SyscallTableCheck(Check):
         return out
 
 
+def _gate_bits(bits: int) -> dict[str, int]:
+    """``struct idt_bits``: IST in bits 0-2, gate type in 8-11, DPL in 13-14, P in 15."""
+    return {"ist": bits & 7, "type": bits >> 8 & 0xF, "dpl": bits >> 13 & 3, "present": bits >> 15}
+
+
 class IdtCheck(Check):
     id: ClassVar[str] = "kernel.idt"
-    description: ClassVar[str] = "IDT gates point at the handlers of the clean baseline."
+    description: ClassVar[str] = (
+        "Each gate of the IDT the vCPUs use points at the clean baseline's handler, with its "
+        "selector, type, DPL and IST.")
     severity = Severity.CRITICAL
     category = Category.EXECUTABLES
     needs_pause = False  # static memory: nothing to tear
 
     def run(self, ctx: Context) -> list[Finding]:
+        from vims.vmi.linux import idt_gates
+        from vims.vmi.memory import GuestMemoryError
+
         if xen_guest_type(ctx.mem) == "pv":
             raise NotApplicable(
                 "Xen PV domain: exceptions and interrupts are dispatched through the trap "
                 "table the kernel handed to Xen (HYPERVISOR_set_trap_table), kept in Xen's "
                 "memory; idt_table in the guest is not what the CPU uses")
         baseline: list[int] = ctx.need_baseline("idt")
+        clean_gates: list[list[int]] | None = (ctx.baseline or {}).get("idt_gates")
         slide = ctx.mem.kaslr_offset
+        idt = ctx.mem.sym("idt_table")
+        # idt_table, and any other table a vCPU's IDTR loads (the kernel's read-only
+        # alias of idt_table counts as idt_table: cpu.state judges the IDTR itself).
+        tables = {ctx.mem.kv2p(idt): ("idt_table", idt)}
+        try:
+            vcpus = ctx.vcpus() or []
+        except GuestMemoryError:
+            vcpus = []  # cpu.state reports that; the table in memory is still judged
+        for v in vcpus:
+            if v.idtr_base is None:
+                continue
+            try:
+                phys = ctx.mem.kv2p(v.idtr_base)
+            except MemoryReadError:
+                raise CheckError(f"vCPU {v.cpu}'s IDTR 0x{v.idtr_base:x} is not mapped") from None
+            tables.setdefault(phys, (f"IDTR of vCPU {v.cpu}", v.idtr_base))
         out = []
-        for vec, (want, got) in enumerate(zip(baseline, idt_handlers(ctx.mem), strict=True)):
-            want_rt = want + slide if want else 0
-            if got != want_rt:
-                out.append(self.finding(
-                    f"IDT vector {vec} points at {symbolize(ctx, got)}",
-                    vector=vec, expected=f"0x{want_rt:x}", found=f"0x{got:x}",
-                    expected_symbol=symbolize(ctx, want_rt), found_symbol=symbolize(ctx, got)))
+        for table, base in tables.values():
+            gates = idt_gates(ctx.mem, base)
+            for vec, (want, (got, selector, bits)) in enumerate(zip(baseline, gates,
+                                                                    strict=True)):
+                want_rt = want + slide if want else 0
+                where: dict[str, Any] = {"vector": vec, "table": table,
+                                         "table_address": f"0x{base:x}"}
+                if got != want_rt:
+                    out.append(self.finding(
+                        f"IDT vector {vec} ({table}) points at {symbolize(ctx, got)}",
+                        **where, expected=f"0x{want_rt:x}", found=f"0x{got:x}",
+                        expected_symbol=symbolize(ctx, want_rt),
+                        found_symbol=symbolize(ctx, got)))
+                elif clean_gates is not None and [selector, bits] != clean_gates[vec]:
+                    want_sel, want_bits = clean_gates[vec]
+                    out.append(self.finding(
+                        f"IDT vector {vec} ({table}) gate changed: selector 0x{selector:x}, "
+                        f"{_gate_bits(bits)} (clean: 0x{want_sel:x}, {_gate_bits(want_bits)})",
+                        **where, selector=f"0x{selector:x}", gate=_gate_bits(bits),
+                        expected_selector=f"0x{want_sel:x}", expected_gate=_gate_bits(want_bits)))
         return out
 
 

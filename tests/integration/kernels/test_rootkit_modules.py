@@ -231,3 +231,39 @@ def test_volatility_sees_the_hooks_vims_reports(
     wait_for(lambda: not findings_of(run_round(mem, ["kernel.bpf"], baseline, policy, "auto",
                                                {"memory": "lab"}), "kernel.bpf"), 20, 0.5)
     undo_orphan(lab_manager, lab, mem, baseline, policy, nhook["handler"])
+
+
+# ---------------------------------------------------------------------------- IDT
+def test_a_replaced_idt_is_judged_where_the_cpu_reads_it(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, rootkit: str,
+        baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    # The module copies the IDT, re-points vector 0xf1 and loads the copy with lidt:
+    # idt_table itself stays clean, so reading only the symbol misses the hook.
+    insmod(lab_manager, lab, "mode=idt")
+    report = run_round(mem, ["kernel.idt", "cpu.state"], baseline, policy, "auto",
+                       {"memory": "lab"})
+    [idtr] = findings_of(report, "cpu.state")
+    [gate] = findings_of(report, "kernel.idt")
+    assert idtr["evidence"]["idtr"] == gate["evidence"]["table_address"]
+    assert (gate["evidence"]["vector"], gate["evidence"]["table"]) == (0xF1, "IDTR of vCPU 0")
+    assert int(gate["evidence"]["found"], 16) >= 0xFFFFFFFFA0000000  # module-area code
+    assert lab_manager.exec(lab.name, "rmmod vims_rk").exit_code == 0
+    report = run_round(mem, ["kernel.idt", "cpu.state"], baseline, policy, "auto",
+                       {"memory": "lab"})
+    assert report["findings"] == []
+
+
+def test_an_idt_gate_opened_to_user_space_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory,
+        baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    from tests.attacks import patched
+
+    # DPL 3 on a kernel vector lets user space raise it with int 0xf1.
+    gate = mem.sym("idt_table") + 0xF1 * 16
+    bits = int.from_bytes(mem.read(gate + 4, 2), "little")
+    with lab_manager.paused(lab.name), patched(mem, gate + 4,
+                                               (bits | 3 << 13).to_bytes(2, "little")):
+        report = run_round(mem, ["kernel.idt"], baseline, policy, "none", {"memory": "lab"})
+    [hit] = findings_of(report, "kernel.idt")
+    assert (hit["evidence"]["gate"]["dpl"], hit["evidence"]["expected_gate"]["dpl"]) == (3, 0)
+    assert hit["evidence"]["table"] == "idt_table"
