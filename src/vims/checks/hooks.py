@@ -223,6 +223,46 @@ class KernelDataCheck(Check):
                     f"tracepoint {probe.tracepoint} probe 0x{probe.func:x} in "
                     f"{cmap.owner(probe.func)}", tracepoint=probe.tracepoint,
                     data=f"0x{probe.data:x}", **cmap.handler(probe.func)))
+        return out + self._permissions(ctx)
+
+    def _permissions(self, ctx: Context) -> list[Finding]:
+        """Kernel text, read-only data (``sys_call_table``), ``__ro_after_init`` data
+        (LSM hook heads) and the IDT the vCPUs load must not be writable: rootkits
+        flip a PTE's RW bit (``set_memory_rw``) rather than CR0.WP to patch them."""
+        from vims.vmi.linux import xen_guest_type
+        from vims.vmi.memory import GuestMemoryError, MemoryReadError
+
+        if xen_guest_type(ctx.mem) == "pv":
+            return []  # Xen validates a PV guest's page tables; not judged here yet
+        regions = [(name, ctx.mem.sym(lo), ctx.mem.sym(hi)) for name, lo, hi in (
+            ("kernel text", "_stext", "_etext"),
+            ("read-only data", "__start_rodata", "__end_rodata"),
+            ("ro-after-init data", "__start_ro_after_init", "__end_ro_after_init"))
+            if ctx.profile.has_symbol(lo) and ctx.profile.has_symbol(hi)]
+        try:
+            vcpus = ctx.vcpus() or []
+        except GuestMemoryError:
+            vcpus = []  # cpu.state reports that
+        regions += [(f"IDT loaded by vCPU {v.cpu}", v.idtr_base, v.idtr_base + 4096)
+                    for v in vcpus if v.idtr_base is not None]
+        out = []
+        for name, lo, hi in regions:
+            runs: list[list[int]] = []
+            try:
+                for vaddr, size, writable, _ in ctx.mem.kernel_mappings(lo, hi):
+                    if not writable:
+                        continue
+                    if runs and runs[-1][1] == vaddr:
+                        runs[-1][1] = vaddr + size
+                    else:
+                        runs.append([vaddr, vaddr + size])
+            except MemoryReadError as exc:
+                raise CheckError(f"page tables of the {name} unreadable: {exc}") from exc
+            for start, end in runs[:MAX_LISTED]:
+                out.append(self.finding(
+                    f"{name} is writable at 0x{start:x}-0x{end:x} "
+                    f"({symbolize(ctx, start)})", region=name, start=f"0x{start:x}",
+                    end=f"0x{end:x}", symbol=symbolize(ctx, start)))
         return out
 
 

