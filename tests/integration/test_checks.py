@@ -413,6 +413,38 @@ def test_patched_process_code_is_found(lab_manager: LabManager, lab: Lab, mem: G
     assert findings_of(round_(mem, baseline, policy, "process.code"), "process.code") == []
 
 
+def test_a_code_page_the_baseline_lacks_is_a_finding(lab_manager: LabManager, lab: Lab,
+                                                     mem: GuestMemory,
+                                                     baseline: dict[str, Any],
+                                                     policy: dict[str, Any]) -> None:
+    # Resident text that no golden page vouches for (here: the baseline loses the page
+    # of busybox's entry point, which every running process has resident) fails.
+    import copy
+
+    entry = baseline["executables"]["/bin/busybox"]
+    with lab_manager.paused(lab.name):
+        mem.flush()
+        init = next(t for t in Linux(mem).tasks() if t.pid == 1)
+        start = mem.u64(init.mm + mem.profile.offset("mm_struct", "start_code"))
+    bias = start - entry["text_start"]
+    resident = next(int(k) for k in sorted(entry["pages"], key=int)
+                    if _resident(mem, init.pgd, int(k) + bias))
+    thinner = copy.deepcopy(baseline)
+    del thinner["executables"]["/bin/busybox"]["pages"][str(resident)]
+    hits = findings_of(round_(mem, thinner, policy, "process.code"), "process.code")
+    assert hits
+    assert {f["evidence"]["page"] for f in hits} == {f"0x{resident + bias:x}"}
+    assert all("has no page in /bin/busybox's baseline" in f["summary"] for f in hits)
+
+
+def _resident(mem: GuestMemory, pgd: int, vaddr: int) -> bool:
+    try:
+        mem.uv2p(vaddr, pgd)
+    except MemoryReadError:
+        return False
+    return True
+
+
 def test_unknown_executable_is_found(lab_manager: LabManager, lab: Lab, mem: GuestMemory,
                                      baseline: dict[str, Any], policy: dict[str, Any]) -> None:
     # Named after an applet: a busybox copy called anything else exits at once
