@@ -34,9 +34,10 @@ from vims.vmi.memory import GuestMemory, MemoryReadError
 
 XA_CHUNK_SHIFT = 6  # include/linux/xarray.h, with CONFIG_BASE_SMALL=0 (every distro kernel)
 XA_CHUNK_SIZE = 1 << XA_CHUNK_SHIFT
-MAX_IDR_ENTRIES = 1 << 16
+MAX_IDR_ENTRIES = 1 << 12  # programs or links; a guest with more is an error, not a pass
 MAX_XA_NODES = 1 << 12
 MAX_INSNS = 1 << 16  # of BPF_COMPLEXITY_LIMIT_INSNS (1M); larger programs are read in part
+MAX_INSNS_PER_ROUND = 1 << 20  # 8 MiB of instructions over all programs of a round
 MAX_PROG_ARRAY = 64
 BPF_CALL = 0x85  # BPF_JMP | BPF_CALL
 BPF_OBJ_NAME_LEN = 16
@@ -157,6 +158,7 @@ def loaded_programs(mem: GuestMemory) -> list[BpfProg]:
     attach = _enum_names(mem, "bpf_attach_type", "BPF_")
     xa = mem.sym("prog_idr") + p.offset("idr", "idr_rt")
     out = []
+    budget = MAX_INSNS_PER_ROUND
     for _, addr in xa_entries(mem, xa):
         if not is_kernel_pointer(addr):
             raise WalkError("bpf_prog pointer outside kernel space", addr)
@@ -168,6 +170,8 @@ def loaded_programs(mem: GuestMemory) -> list[BpfProg]:
         if aux.ptr("prog") != addr:
             raise WalkError("bpf_prog_aux does not point back at its program", aux_ptr)
         count = prog.u32("len")
+        readable = min(count, MAX_INSNS, budget)
+        budget -= readable
         uid = None
         if p.has_member("bpf_prog_aux", "user"):
             user = aux.ptr("user")
@@ -192,7 +196,8 @@ def loaded_programs(mem: GuestMemory) -> list[BpfProg]:
             name=aux.cstr("name", BPF_OBJ_NAME_LEN),
             tag=prog.raw[prog.off("tag"):prog.off("tag") + 8].hex(),
             load_time_ns=mem.u64(aux.addr_of("load_time")), uid=uid,
-            helpers=_helpers(mem, addr, count), insns=count, attach_func=func_name,
+            helpers=_helpers(mem, addr, readable), insns=count,
+            attach_func=func_name,
             jited=jited))
     return out
 
