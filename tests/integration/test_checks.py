@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from tests.attacks import patched, unlinked
-from tests.conftest import findings_of, sh, start_bg, vims
+from tests.conftest import findings_of, guest_tool, push, sh, start_bg, vims
 from vims.baseline import load as load_baseline
 from vims.checks import DEFAULT_CHECKS
 from vims.checks.runner import run_round
@@ -486,6 +486,25 @@ def test_a_program_running_from_a_deleted_file_is_found(
         kill_tagged(lab_manager, lab, "sleep", "6062")
     assert [(h["evidence"]["comm"], h["evidence"]["exe"], h["evidence"]["memfd"])
             for h in hits] == [("sleep", "/tmp/vims-gone/sleep", False)]
+
+
+def test_a_program_executed_from_memfd_is_found(
+        lab_manager: LabManager, lab: Lab, mem: GuestMemory, baseline: dict[str, Any],
+        policy: dict[str, Any], tmp_path: Path) -> None:
+    # A fileless loader (tests/guest/memfdexec.c): the payload's bytes go into an
+    # anonymous memfd and run from there, never as a file on any file system.
+    push(lab_manager, lab, guest_tool("memfdexec", tmp_path), "/tmp/memfdexec")
+    # The kernel names such a process after the memfd's name: comm "memfd:payload".
+    try:
+        start_bg(lab_manager, lab, "/tmp/memfdexec /bin/busybox sleep 6063 </dev/null "
+                 ">/dev/null 2>&1", "memfd:payload", "6063")
+        hits = findings_of(round_(mem, baseline, policy, "process.fileless"), "process.fileless")
+    finally:
+        kill_tagged(lab_manager, lab, "memfd:payload", "6063")
+    assert [(h["evidence"]["comm"], h["evidence"]["memfd"]) for h in hits] == [
+        ("memfd:payload", True)]
+    assert hits[0]["evidence"]["exe"].lstrip("/").startswith("memfd:payload")
+    assert "memory-only code" in hits[0]["summary"]
 
 
 def test_ld_preload_in_an_environment_and_ld_so_preload_are_found(

@@ -344,14 +344,15 @@ PRELOAD_FILE = ("etc", "ld.so.preload")
 
 
 def _unlinked(ctx: Context, file: int) -> bool:
-    """The file's dentry is unhashed: deleted, or never had a name (memfd, O_TMPFILE)."""
+    """The file's dentry is unhashed: deleted, or never had a name in any directory
+    (O_TMPFILE; a memfd, whose pseudo dentry is its own parent)."""
     p = ctx.profile
     dentry = ctx.mem.u64(file + p.offset("file", "f_path") + p.offset("path", "dentry"))
     if not is_kernel_pointer(dentry):
         raise WalkError("exe dentry is not a kernel pointer", file)
     pprev = ctx.mem.u64(dentry + p.offset("dentry", "d_hash") + p.offset("hlist_bl_node",
                                                                          "pprev"))
-    return pprev == 0 and ctx.mem.u64(dentry + p.offset("dentry", "d_parent")) != dentry
+    return pprev == 0
 
 
 def _child(ctx: Context, dentry: int, name: str) -> int:

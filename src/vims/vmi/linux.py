@@ -287,6 +287,9 @@ class Linux:
                                                                                "mnt_root"))
             parent = self.mem.u64(dentry + p.offset("dentry", "d_parent"))
             if dentry in (mnt_root, parent):
+                if dentry != mnt_root:  # a pseudo file (memfd): its own root, named alone
+                    parts.append(self._dentry_name(dentry))
+                    return "/" + "/".join(reversed(parts))
                 parent_mount = self.mem.u64(mount + p.offset("mount", "mnt_parent"))
                 if parent_mount in (mount, 0):
                     return "/" + "/".join(reversed(parts))
