@@ -13,18 +13,10 @@
  * then prints "loaded" and waits, holding the program's file descriptors. */
 #include <linux/bpf.h>
 #include <linux/perf_event.h>
-#include <asm/unistd.h>
+
+#include "nolibc.h"
 
 typedef unsigned long u64;
-
-static long sys(long n, long a, long b, long c, long d, long e) {
-	long ret;
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	__asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
 
 static unsigned long len(const char *s) { unsigned long n = 0; while (s[n]) n++; return n; }
 static int eq(const char *a, const char *b) { while (*a && *a == *b) a++, b++; return *a == *b; }
@@ -80,7 +72,8 @@ static long read_number(const char *path) {
 	return n;
 }
 
-static int run(int argc, char **argv) {
+static int run(int argc, char **argv, char **envp) {
+	(void)envp;
 	if (argc >= 4 && eq(argv[1], "kprobe")) {
 		long prog = load(BPF_PROG_TYPE_KPROBE, argv[3], argc > 4 && eq(argv[4], "write"));
 		struct perf_event_attr pe;
@@ -112,9 +105,3 @@ static int run(int argc, char **argv) {
 	say("loaded\n");
 	for (;;) sys(__NR_pause, 0, 0, 0, 0, 0);
 }
-
-/* The kernel enters here with argc at the stack pointer and argv above it. */
-__attribute__((used)) static void start(long *sp) {
-	sys(__NR_exit_group, run((int)sp[0], (char **)(sp + 1)), 0, 0, 0, 0);
-}
-__asm__(".globl _start\n_start:\n\tmov %rsp, %rdi\n\tand $-16, %rsp\n\tcall start\n");

@@ -3,17 +3,9 @@
  * never touch a file system. Static and libc-free, like the other guest tools.
  *
  *   memfdexec PROGRAM ARGV0 [ARGS...]   runs PROGRAM's bytes as ARGV0 ARGS... */
-#include <asm/unistd.h>
 #include <linux/fcntl.h>
 
-static long sys(long n, long a, long b, long c, long d, long e) {
-	long ret;
-	register long r10 __asm__("r10") = d;
-	register long r8 __asm__("r8") = e;
-	__asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
+#include "nolibc.h"
 
 static char buf[65536];
 
@@ -41,10 +33,3 @@ static int run(int argc, char **argv, char **envp) {
 	sys(__NR_execveat, mfd, (long)"", (long)(argv + 2), (long)envp, AT_EMPTY_PATH);
 	return 6;
 }
-
-__attribute__((used)) static void start(long *sp) {
-	int argc = (int)sp[0];
-	char **argv = (char **)(sp + 1);
-	sys(__NR_exit_group, run(argc, argv, argv + argc + 1), 0, 0, 0, 0);
-}
-__asm__(".globl _start\n_start:\n\tmov %rsp, %rdi\n\tand $-16, %rsp\n\tcall start\n");
