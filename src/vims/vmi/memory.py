@@ -294,46 +294,34 @@ class GuestMemory:
         return bytes(out)
 
     def user_pages(self, dtb: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-        """``(vaddr, paddr)`` of each resident 4 KiB page of ``[start, end)`` in a process.
-
-        Walks the x86-64 4-level tables at ``dtb`` itself, reading a whole page-table
-        page at a time: one read per 2 MiB of range instead of one LibVMI lookup per
-        page (process.code's cost was mostly those lookups). Entries are guest data:
-        addresses are masked to 52 bits and reads are bounds-checked by ``read_pa``.
-        """
-        vaddr = start & ~(PAGE - 1)
-        while vaddr < end:
-            table, following = dtb & PTE_ADDR, 0
-            for shift in (39, 30, 21):
-                entry = _U64.unpack(self.read_pa(table + ((vaddr >> shift) & 511) * 8, 8))[0]
-                span = 1 << shift
-                if not entry & PTE_PRESENT:
-                    following = (vaddr & ~(span - 1)) + span
-                    break
-                if shift < 39 and entry & PTE_HUGE:  # a 1 GiB or 2 MiB page
-                    base = entry & PTE_ADDR & ~(span - 1)
-                    following = min(end, (vaddr & ~(span - 1)) + span)
-                    for v in range(vaddr, following, PAGE):
-                        yield v, base + (v & (span - 1))
-                    break
-                table = entry & PTE_ADDR
-            if not following:
-                ptes = self.read_pa(table, PAGE)
-                following = min(end, (vaddr & ~((2 << 20) - 1)) + (2 << 20))
-                for v in range(vaddr, following, PAGE):
-                    entry = _U64.unpack_from(ptes, ((v >> 12) & 511) * 8)[0]
-                    if entry & PTE_PRESENT:
-                        yield v, entry & PTE_ADDR
-            vaddr = following
+        """``(vaddr, paddr)`` of each resident 4 KiB page of ``[start, end)`` in a process
+        (page-table root ``dtb``), large pages split into their 4 KiB parts."""
+        for vaddr, size, paddr, _, _ in self._mappings(dtb, start, end):
+            for offset in range(0, size, PAGE):
+                yield vaddr + offset, paddr + offset
 
     def kernel_mappings(self, start: int, end: int) -> Iterator[tuple[int, int, bool, bool]]:
         """``(vaddr, size, writable, executable)`` of each present page mapping
-        ``[start, end)`` in the kernel's page tables, permissions as the CPU applies
-        them: writable only if RW is set at every level, executable only if NX is set
-        at none. Reads a whole page-table page per 2 MiB, like :meth:`user_pages`."""
+        ``[start, end)`` in the kernel's page tables."""
+        for vaddr, size, _, writable, executable in self._mappings(self.kernel_dtb, start, end):
+            yield vaddr, size, writable, executable
+
+    def _mappings(self, dtb: int, start: int, end: int,
+                  ) -> Iterator[tuple[int, int, int, bool, bool]]:
+        """``(vaddr, size, paddr, writable, executable)`` of each present mapping of
+        ``[start, end)`` under the 4-level tables at ``dtb``: a 1 GiB or 2 MiB page as
+        one mapping (from ``vaddr`` to its end or ``end``), else each 4 KiB page.
+        Permissions are as the CPU applies them: writable only if RW is set at every
+        level, executable only if NX is set at none.
+
+        Walks the tables itself, reading a whole page-table page at a time: one read
+        per 2 MiB of range instead of one LibVMI lookup per page (process.code's cost
+        was mostly those lookups). Entries are guest data: addresses are masked to 52
+        bits and reads are bounds-checked by ``read_pa``.
+        """
         vaddr = start & ~(PAGE - 1)
         while vaddr < end:
-            table, following, rw, nx = self.kernel_dtb & PTE_ADDR, 0, True, False
+            table, following, rw, nx = dtb & PTE_ADDR, 0, True, False
             for shift in (39, 30, 21):
                 entry = _U64.unpack(self.read_pa(table + ((vaddr >> shift) & 511) * 8, 8))[0]
                 span = 1 << shift
@@ -341,9 +329,10 @@ class GuestMemory:
                 if not entry & PTE_PRESENT:
                     following = (vaddr & ~(span - 1)) + span
                     break
-                if shift < 39 and entry & PTE_HUGE:
+                if shift < 39 and entry & PTE_HUGE:  # a 1 GiB or 2 MiB page
                     following = min(end, (vaddr & ~(span - 1)) + span)
-                    yield vaddr, following - vaddr, rw, not nx
+                    base = entry & PTE_ADDR & ~(span - 1)
+                    yield vaddr, following - vaddr, base + (vaddr & (span - 1)), rw, not nx
                     break
                 table = entry & PTE_ADDR
             if not following:
@@ -352,7 +341,8 @@ class GuestMemory:
                 for v in range(vaddr, following, PAGE):
                     entry = _U64.unpack_from(ptes, ((v >> 12) & 511) * 8)[0]
                     if entry & PTE_PRESENT:
-                        yield v, PAGE, rw and bool(entry & PTE_RW), not (nx or entry & PTE_NX)
+                        yield (v, PAGE, entry & PTE_ADDR, rw and bool(entry & PTE_RW),
+                               not (nx or entry & PTE_NX))
             vaddr = following
 
     def u64(self, vaddr: int) -> int:
