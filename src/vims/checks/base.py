@@ -137,6 +137,18 @@ class Context:
         found: list[VcpuState] | None = self.memo["vcpus"]
         return found
 
+    def idtr_bases(self) -> list[tuple[int, int]]:
+        """``(cpu, IDTR base)`` of each vCPU whose IDTR the hypervisor gives; none when
+        the vCPU state cannot be read (cpu.state reports that; the tables in memory
+        are still judged by the checks that ask)."""
+        from vims.vmi.memory import GuestMemoryError
+
+        try:
+            vcpus = self.vcpus() or []
+        except GuestMemoryError:
+            return []
+        return [(v.cpu, v.idtr_base) for v in vcpus if v.idtr_base is not None]
+
     def need_baseline(self, section: str) -> Any:
         if self.baseline is None or section not in self.baseline:
             raise CheckError(f"needs a baseline with '{section}' (vims baseline build)")

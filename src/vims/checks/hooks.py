@@ -230,7 +230,7 @@ class KernelDataCheck(Check):
         (LSM hook heads) and the IDT the vCPUs load must not be writable: rootkits
         flip a PTE's RW bit (``set_memory_rw``) rather than CR0.WP to patch them."""
         from vims.vmi.linux import xen_guest_type
-        from vims.vmi.memory import GuestMemoryError, MemoryReadError
+        from vims.vmi.memory import MemoryReadError
 
         if xen_guest_type(ctx.mem) == "pv":
             return []  # Xen validates a PV guest's page tables; not judged here yet
@@ -239,12 +239,8 @@ class KernelDataCheck(Check):
             ("read-only data", "__start_rodata", "__end_rodata"),
             ("ro-after-init data", "__start_ro_after_init", "__end_ro_after_init"))
             if ctx.profile.has_symbol(lo) and ctx.profile.has_symbol(hi)]
-        try:
-            vcpus = ctx.vcpus() or []
-        except GuestMemoryError:
-            vcpus = []  # cpu.state reports that
-        regions += [(f"IDT loaded by vCPU {v.cpu}", v.idtr_base, v.idtr_base + 4096)
-                    for v in vcpus if v.idtr_base is not None]
+        regions += [(f"IDT loaded by vCPU {cpu}", base, base + 4096)
+                    for cpu, base in ctx.idtr_bases()]
         out = []
         for name, lo, hi in regions:
             runs: list[list[int]] = []

@@ -73,7 +73,6 @@ class IdtCheck(Check):
 
     def run(self, ctx: Context) -> list[Finding]:
         from vims.vmi.linux import idt_gates
-        from vims.vmi.memory import GuestMemoryError
 
         if xen_guest_type(ctx.mem) == "pv":
             raise NotApplicable(
@@ -87,18 +86,12 @@ class IdtCheck(Check):
         # idt_table, and any other table a vCPU's IDTR loads (the kernel's read-only
         # alias of idt_table counts as idt_table: cpu.state judges the IDTR itself).
         tables = {ctx.mem.kv2p(idt): ("idt_table", idt)}
-        try:
-            vcpus = ctx.vcpus() or []
-        except GuestMemoryError:
-            vcpus = []  # cpu.state reports that; the table in memory is still judged
-        for v in vcpus:
-            if v.idtr_base is None:
-                continue
+        for cpu, base in ctx.idtr_bases():
             try:
-                phys = ctx.mem.kv2p(v.idtr_base)
+                phys = ctx.mem.kv2p(base)
             except MemoryReadError:
-                raise CheckError(f"vCPU {v.cpu}'s IDTR 0x{v.idtr_base:x} is not mapped") from None
-            tables.setdefault(phys, (f"IDTR of vCPU {v.cpu}", v.idtr_base))
+                raise CheckError(f"vCPU {cpu}'s IDTR 0x{base:x} is not mapped") from None
+            tables.setdefault(phys, (f"IDTR of vCPU {cpu}", base))
         out = []
         for table, base in tables.values():
             gates = idt_gates(ctx.mem, base)
