@@ -357,7 +357,10 @@ class BpfCheck(Check):
             if prog.tag in allowed_tags or prog.tag in clean_tags:
                 continue  # exactly the code the policy or the clean guest knows
             dangerous = sorted(DANGEROUS_BPF_HELPERS.intersection(prog.helpers))
-            named = bool(prog.name) and glob_any(prog.name, allowed_names)
+            # A name vouches only for code whose helpers were all read: one past the
+            # round's instruction budget could call anything.
+            named = bool(prog.name) and prog.helpers_read and glob_any(prog.name,
+                                                                       allowed_names)
             what = f"eBPF {prog.type} program {prog.name or '(unnamed)'} (id {prog.id}, " \
                    f"tag {prog.tag})" + (f" on {', '.join(prog.targets)}" if prog.targets else "")
             if dangerous:

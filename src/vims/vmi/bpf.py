@@ -107,6 +107,7 @@ class BpfProg:
     insns: int
     attach_func: str | None  # tracing/LSM/ext target named by the verifier
     jited: bool
+    helpers_read: bool  # every instruction read (within the bounds of one round)
     targets: list[str] = field(default_factory=list)  # where it is attached, found later
 
     def public(self) -> dict[str, Any]:
@@ -197,8 +198,7 @@ def loaded_programs(mem: GuestMemory) -> list[BpfProg]:
             tag=prog.raw[prog.off("tag"):prog.off("tag") + 8].hex(),
             load_time_ns=mem.u64(aux.addr_of("load_time")), uid=uid,
             helpers=_helpers(mem, addr, readable), insns=count,
-            attach_func=func_name,
-            jited=jited))
+            attach_func=func_name, jited=jited, helpers_read=readable == count))
     return out
 
 
